@@ -1,0 +1,80 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import wrappers_pb2 as _wrappers_pb2
+from meshproxy._proto.meshproxy.v1 import resources_pb2 as _resources_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Node(_message.Message):
+    __slots__ = ("id", "cluster")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    cluster: str
+    def __init__(self, id: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
+
+class Listeners(_message.Message):
+    __slots__ = ("http_address", "grpc_address")
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    http_address: str
+    grpc_address: str
+    def __init__(self, http_address: _Optional[str] = ..., grpc_address: _Optional[str] = ...) -> None: ...
+
+class Admin(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class HttpOptions(_message.Message):
+    __slots__ = ("model_headers", "max_request_headers_bytes", "max_request_body_bytes", "header_read_timeout", "idle_timeout", "request_timeout", "upstream_header", "connect_timeout", "max_idle_connections")
+    MODEL_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_HEADERS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADER_READ_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_HEADER_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_IDLE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    model_headers: _containers.RepeatedScalarFieldContainer[str]
+    max_request_headers_bytes: _wrappers_pb2.UInt32Value
+    max_request_body_bytes: _wrappers_pb2.UInt64Value
+    header_read_timeout: _duration_pb2.Duration
+    idle_timeout: _duration_pb2.Duration
+    request_timeout: _duration_pb2.Duration
+    upstream_header: _wrappers_pb2.BoolValue
+    connect_timeout: _duration_pb2.Duration
+    max_idle_connections: _wrappers_pb2.UInt32Value
+    def __init__(self, model_headers: _Optional[_Iterable[str]] = ..., max_request_headers_bytes: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., max_request_body_bytes: _Optional[_Union[_wrappers_pb2.UInt64Value, _Mapping]] = ..., header_read_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., upstream_header: _Optional[_Union[_wrappers_pb2.BoolValue, _Mapping]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_idle_connections: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ...) -> None: ...
+
+class StaticResources(_message.Message):
+    __slots__ = ("runtimes", "routes")
+    RUNTIMES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    runtimes: _containers.RepeatedCompositeFieldContainer[_resources_pb2.Runtime]
+    routes: _containers.RepeatedCompositeFieldContainer[_resources_pb2.ModelRoute]
+    def __init__(self, runtimes: _Optional[_Iterable[_Union[_resources_pb2.Runtime, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[_resources_pb2.ModelRoute, _Mapping]]] = ...) -> None: ...
+
+class Bootstrap(_message.Message):
+    __slots__ = ("node", "listeners", "admin", "http", "static_resources", "drain_timeout")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    HTTP_FIELD_NUMBER: _ClassVar[int]
+    STATIC_RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    node: Node
+    listeners: Listeners
+    admin: Admin
+    http: HttpOptions
+    static_resources: StaticResources
+    drain_timeout: _duration_pb2.Duration
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Union[Listeners, _Mapping]] = ..., admin: _Optional[_Union[Admin, _Mapping]] = ..., http: _Optional[_Union[HttpOptions, _Mapping]] = ..., static_resources: _Optional[_Union[StaticResources, _Mapping]] = ..., drain_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
