@@ -1,0 +1,71 @@
+"""Admin listener (aiohttp): /ready, /live, /config_dump, /clusters, /metrics."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from aiohttp import web
+from google.protobuf import json_format
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, indent=2) + "\n", status=status,
+                        content_type="application/json")
+
+
+def build_admin(app) -> web.Application:
+    """Routes for one ProxyApp (`app` has .ctx, .config, .metrics, .ready())."""
+
+    async def ready(_):
+        ok = app.ready()
+        return web.Response(text="LIVE\n" if ok else "DRAINING\n", status=200 if ok else 503)
+
+    async def live(_):
+        return web.Response(text="LIVE\n")
+
+    async def config_dump(_):
+        snap = app.ctx.snapshot
+        dump = lambda m: json_format.MessageToDict(m, preserving_proto_field_name=True)
+        return _json({
+            "version": snap.version,
+            "bootstrap": dump(app.config.source),
+            "runtimes": [dump(r) for r in snap.runtimes],
+            "routes": [dump(r) for r in snap.routes],
+        })
+
+    async def clusters(_):
+        snap = app.ctx.snapshot
+        rows = []
+        for rt in snap.runtimes:
+            e = snap.endpoints.get(rt.name)
+            rows.append({
+                "runtime": rt.name, "address": rt.http_address,
+                "models": [m.name for m in rt.models if m.state == 0],
+                "weight": e.weight if e else 1, "active_requests": e.active if e else 0,
+                "requests_total": e.total if e else 0,
+                "healthy": e.healthy if e else False,
+                "idle_connections": len(e.pool.idle) if e and e.pool else 0,
+            })
+        return _json({"version": snap.version, "endpoints": rows})
+
+    async def metrics(_):
+        body = generate_latest(app.metrics.registry)
+        return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+
+    web_app = web.Application()
+    web_app.router.add_get("/ready", ready)
+    web_app.router.add_get("/live", live)
+    web_app.router.add_get("/config_dump", config_dump)
+    web_app.router.add_get("/clusters", clusters)
+    web_app.router.add_get("/metrics", metrics)
+    return web_app
+
+
+async def start_admin(web_app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]

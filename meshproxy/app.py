@@ -1,0 +1,109 @@
+"""Wires one proxy process: REST listener, admin, the snapshot; start, drain and stop in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+
+from meshproxy import __version__
+from meshproxy.admin import build_admin, start_admin
+from meshproxy.config import ProxyConfig
+from meshproxy.ingress.http import HttpConnection, HttpContext
+from meshproxy.routing import table
+from meshproxy.telemetry.metrics import ProxyMetrics
+from meshproxy.upstream.http_pool import HttpPool
+
+log = logging.getLogger("meshproxy")
+TICK = 0.1  # seconds between deadline checks: the precision of every timeout
+
+
+class ProxyApp:
+    """One proxy. Startup: snapshot, REST listener, admin, ticker.
+
+    Shutdown (stop): stop accepting; close idle client connections and let busy
+    ones finish their exchange (responses say `connection: close`) within
+    drain_timeout; abort what is left; close upstream pools; stop admin.
+    """
+
+    def __init__(self, config: ProxyConfig, metrics: ProxyMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or ProxyMetrics()
+        self.registry = table.EndpointRegistry(attach=self._attach_pool)
+        snap, _ = table.build("static", config.runtimes, config.routes, self.registry,
+                              config.http.request_timeout)
+        self.ctx = HttpContext(config.http, self.metrics, snap, self._local, random.random)
+        self.server: asyncio.Server | None = None
+        self.http_port = 0
+        self.admin_port = 0
+        self._admin_runner = None
+        self._ticker: asyncio.Task | None = None
+
+    def _attach_pool(self, endpoint) -> None:
+        s = self.config.http
+        endpoint.pool = HttpPool(endpoint.name, endpoint.host, endpoint.port,
+                                 s.connect_timeout, s.max_idle_connections)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        addr = self.config.http_address
+        self.server = await loop.create_server(
+            lambda: HttpConnection(self.ctx), addr.host, addr.port, backlog=2048,
+            reuse_address=True)
+        self.http_port = self.server.sockets[0].getsockname()[1]
+        admin = self.config.admin_address
+        self._admin_runner, self.admin_port = await start_admin(
+            build_admin(self), admin.host, admin.port)
+        self._ticker = loop.create_task(self._tick())
+        log.info("meshproxy listening: rest=%s:%d admin=%s:%d", addr.host, self.http_port,
+                 admin.host, self.admin_port)
+
+    def ready(self) -> bool:
+        return self.server is not None and not self.ctx.draining
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.ctx.tick()
+            self.metrics.downstream_connections.set(len(self.ctx.connections))
+
+    def update(self, version: str, runtimes, routes) -> None:
+        """Swap in a new snapshot; pools of runtimes that left are closed."""
+        snap, gone = table.build(version, runtimes, routes, self.registry,
+                                 self.config.http.request_timeout)
+        self.ctx.snapshot = snap
+        for endpoint in gone:
+            endpoint.pool.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.ctx.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        while self.ctx.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.ctx.connections):
+            conn.abort()
+        for endpoint in self.registry.endpoints.values():
+            endpoint.pool.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+
+    def _local(self, method: bytes, path: bytes):
+        """Requests the proxy answers itself: (status, JSON body) or None."""
+        if method in (b"GET", b"HEAD"):
+            if path == b"/v2/health/live":
+                return 200, b'{"live": true}'
+            if path == b"/v2/health/ready":
+                ok = self.ready()
+                return (200 if ok else 503), b'{"ready": %s}' % (b"true" if ok else b"false")
+            if path == b"/v2":
+                return 200, json.dumps({"name": "meshproxy", "version": __version__,
+                                        "extensions": ["model_repository"]}).encode()
+        if method == b"POST" and path == b"/v2/repository/index":
+            return 200, json.dumps(self.ctx.snapshot.index()).encode()
+        return None

@@ -1,0 +1,101 @@
+"""`meshproxy proxy|runtime|demo|check-config`; bad config exits 64 before any port is bound."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from meshproxy.config import EXIT_CONFIG, ConfigError, load_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("proxy", help="run the proxy")
+    p.add_argument("-c", "--config", required=True, help="YAML bootstrap file")
+
+    p = sub.add_parser("check-config", help="validate a proxy config file (exit 0 or 64)")
+    p.add_argument("file")
+
+    p = sub.add_parser("runtime", help="run the devtools KServe v2 runtime")
+    from meshproxy.devtools import runtime as devruntime
+    devruntime.add_arguments(p)
+
+    p = sub.add_parser("demo", help="three runtimes and a proxy, a few requests, a table")
+    p.add_argument("--once", action="store_true", help="exit after printing the table")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "check-config":
+        return _check_config(args.file)
+    if args.command == "proxy":
+        return _proxy(args.config)
+    if args.command == "runtime":
+        return _run(devruntime.serve(devruntime.options_from_args(args)))
+    from meshproxy.devtools import demo
+    return _run(demo.run(once=args.once))
+
+
+def _check_config(path: str) -> int:
+    try:
+        config = load_file(path)
+    except ConfigError as e:
+        print(f"meshproxy: invalid config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: ok ({len(config.runtimes)} runtimes, {len(config.routes)} routes)")
+    return 0
+
+
+def _proxy(path: str) -> int:
+    try:
+        config = load_file(path)
+    except ConfigError as e:
+        print(f"meshproxy: invalid config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from meshproxy.app import ProxyApp
+
+    async def serve() -> None:
+        app = ProxyApp(config)
+        try:
+            await app.start()
+        except OSError as e:
+            raise SystemExit(f"meshproxy: cannot listen: {e}") from None
+        print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
+              f"admin={config.admin_address.host}:{app.admin_port}", flush=True)
+        try:
+            await _until_signalled()
+        finally:
+            await app.stop()
+
+    return _run(serve())
+
+
+async def _until_signalled() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep asyncio as a fallback
+        runner = asyncio.run
+    try:
+        runner(coro)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

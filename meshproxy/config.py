@@ -1,0 +1,190 @@
+"""YAML -> Bootstrap proto -> a frozen, validated ProxyConfig; ConfigError names the field path."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import yaml
+from google.protobuf import json_format
+
+from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, resources_pb2
+from meshproxy.cluster.balancer import BALANCERS
+from meshproxy.errors import BadRequest
+from meshproxy.model_name import validate as validate_model_name
+
+EXIT_CONFIG = 64  # EX_USAGE, as linkerd2-proxy exits on bad config
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+
+
+class ConfigError(Exception):
+    """A config problem; the message starts with the field path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpSettings:
+    model_headers: tuple[bytes, ...]
+    max_request_headers_bytes: int
+    max_request_body_bytes: int
+    header_read_timeout: float
+    idle_timeout: float
+    request_timeout: float
+    connect_timeout: float
+    upstream_header: bool
+    max_idle_connections: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+    node_id: str
+    http_address: Address
+    admin_address: Address
+    http: HttpSettings
+    drain_timeout: float
+    runtimes: tuple[resources_pb2.Runtime, ...]
+    routes: tuple[resources_pb2.ModelRoute, ...]
+    source: bootstrap_pb2.Bootstrap
+
+
+def load_file(path: str) -> ProxyConfig:
+    """Read, parse and validate a proxy config file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return load_text(text, source=path)
+
+
+def load_text(text: str, source: str = "<config>") -> ProxyConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
+    msg = bootstrap_pb2.Bootstrap()
+    try:
+        json_format.ParseDict(data, msg)
+    except json_format.ParseError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    try:
+        return _build(msg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _build(b: bootstrap_pb2.Bootstrap) -> ProxyConfig:
+    validate_resources(b.static_resources.runtimes, b.static_resources.routes, "static_resources")
+    return ProxyConfig(
+        node_id=b.node.id or "meshproxy",
+        http_address=parse_address(b.listeners.http_address or "0.0.0.0:8008", "listeners.http_address"),
+        admin_address=parse_address(b.admin.address or "127.0.0.1:9901", "admin.address"),
+        http=_http_settings(b.http),
+        drain_timeout=_seconds(b, "drain_timeout", 10.0),
+        runtimes=tuple(b.static_resources.runtimes),
+        routes=tuple(b.static_resources.routes),
+        source=b,
+    )
+
+
+def _http_settings(h: bootstrap_pb2.HttpOptions) -> HttpSettings:
+    headers = []
+    for i, name in enumerate(h.model_headers or ["model"]):
+        if not _HEADER_NAME.fullmatch(name.lower()):
+            raise ConfigError(f"http.model_headers[{i}]: {name!r} is not a valid header name")
+        headers.append(name.lower().encode())
+    max_head = h.max_request_headers_bytes.value if h.HasField("max_request_headers_bytes") else 60 * 1024
+    if not 1024 <= max_head <= 1024 * 1024:
+        raise ConfigError("http.max_request_headers_bytes: must be between 1024 and 1048576")
+    return HttpSettings(
+        model_headers=tuple(headers),
+        max_request_headers_bytes=max_head,
+        max_request_body_bytes=(h.max_request_body_bytes.value
+                                if h.HasField("max_request_body_bytes") else 64 * 1024 * 1024),
+        header_read_timeout=_seconds(h, "header_read_timeout", 10.0, "http."),
+        idle_timeout=_seconds(h, "idle_timeout", 300.0, "http."),
+        request_timeout=_seconds(h, "request_timeout", 60.0, "http."),
+        connect_timeout=_seconds(h, "connect_timeout", 5.0, "http."),
+        upstream_header=h.upstream_header.value if h.HasField("upstream_header") else True,
+        max_idle_connections=(h.max_idle_connections.value
+                              if h.HasField("max_idle_connections") else 64),
+    )
+
+
+def _seconds(msg, field: str, default: float, prefix: str = "") -> float:
+    if not msg.HasField(field):
+        return default
+    value = getattr(msg, field).ToNanoseconds() / 1e9
+    if value <= 0:
+        raise ConfigError(f"{prefix}{field}: must be positive")
+    return value
+
+
+def parse_address(text: str, where: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {text!r} is not host:port")
+    return Address(host, int(port))
+
+
+def validate_resources(runtimes, routes, prefix: str) -> None:
+    """Semantic checks json_format cannot make; shared by the file loader and (later) the xDS client."""
+    seen: set[str] = set()
+    for i, rt in enumerate(runtimes):
+        where = f"{prefix}.runtimes[{i}]"
+        if not rt.name:
+            raise ConfigError(f"{where}.name: required")
+        if rt.name in seen:
+            raise ConfigError(f"{where}.name: duplicate runtime name {rt.name!r}")
+        seen.add(rt.name)
+        if not rt.http_address:
+            raise ConfigError(f"{where}.http_address: required")
+        parse_address(rt.http_address, f"{where}.http_address")
+        if rt.grpc_address:
+            parse_address(rt.grpc_address, f"{where}.grpc_address")
+        if rt.HasField("weight") and rt.weight.value < 1:
+            raise ConfigError(f"{where}.weight: must be at least 1")
+        for j, m in enumerate(rt.models):
+            _model(m.name, f"{where}.models[{j}].name")
+    _validate_routes(routes, prefix)
+
+
+def _validate_routes(routes, prefix: str) -> None:
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        where = f"{prefix}.routes[{i}]"
+        _model(route.model, f"{where}.model")
+        if route.model in seen:
+            raise ConfigError(f"{where}.model: duplicate route for {route.model!r}")
+        seen.add(route.model)
+        if route.balancer and route.balancer not in BALANCERS:
+            raise ConfigError(f"{where}.balancer: unknown balancer {route.balancer!r}; "
+                              f"known: {', '.join(sorted(BALANCERS))}")
+        for j, t in enumerate(route.targets):
+            _model(t.model, f"{where}.targets[{j}].model")
+            if len(route.targets) > 1 and t.weight < 1:
+                raise ConfigError(f"{where}.targets[{j}].weight: must be at least 1 in a split")
+        if route.HasField("timeout") and route.timeout.ToNanoseconds() <= 0:
+            raise ConfigError(f"{where}.timeout: must be positive")
+
+
+def _model(name: str, where: str) -> None:
+    if not name:
+        raise ConfigError(f"{where}: required")
+    try:
+        validate_model_name(name.encode(), where)
+    except BadRequest as e:
+        raise ConfigError(f"{where}: {e.message}") from None

@@ -1,0 +1,80 @@
+"""ProxyError hierarchy: the one place errors become KServe v2 JSON responses or gRPC codes."""
+
+from __future__ import annotations
+
+import json
+
+_REASONS = {
+    400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large", 426: b"Upgrade Required",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself. `status` is the HTTP code, `grpc_code` the gRPC name."""
+
+    status = 500
+    grpc_code = "INTERNAL"
+    # Whether the client connection must be closed after the answer (framing is in doubt).
+    close = False
+
+    def __init__(self, message: str, model: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.model = model
+
+
+class BadRequest(ProxyError):
+    status, grpc_code = 400, "INVALID_ARGUMENT"
+
+
+class MalformedRequest(BadRequest):
+    """The bytes on the wire are not valid HTTP/1.1: answer and close."""
+
+    close = True
+
+
+class UpgradeRequired(ProxyError):
+    status, grpc_code, close = 426, "INVALID_ARGUMENT", True
+
+
+class UnknownModel(ProxyError):
+    status, grpc_code = 404, "NOT_FOUND"
+
+
+class NoHealthyUpstream(ProxyError):
+    status, grpc_code = 503, "UNAVAILABLE"
+
+
+class UpstreamFailure(ProxyError):
+    """Connect failure, reset or a response that is not HTTP."""
+
+    status, grpc_code = 502, "UNAVAILABLE"
+
+
+class UpstreamTimeout(ProxyError):
+    status, grpc_code = 504, "DEADLINE_EXCEEDED"
+
+
+class BodyTooLarge(ProxyError):
+    status, grpc_code, close = 413, "RESOURCE_EXHAUSTED", True
+
+
+class HeadersTooLarge(ProxyError):
+    status, grpc_code, close = 431, "RESOURCE_EXHAUSTED", True
+
+
+def render_http(err: ProxyError, keep_alive: bool, extra_headers: bytes = b"") -> bytes:
+    """The whole HTTP/1.1 response for `err`: v2 JSON body `{"error": ...}`."""
+    body = json.dumps({"error": err.message}).encode()
+    keep = keep_alive and not err.close
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, b"Error")),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        extra_headers,
+        b"" if keep else b"connection: close\r\n",
+        b"\r\n",
+        body,
+    ))

@@ -1,0 +1,546 @@
+"""REST listener: one asyncio Protocol per client connection, llhttp parsing, callbacks only.
+
+How it works: llhttp (httptools) calls back as bytes arrive; each request is an
+Exchange queued on its connection, so pipelined requests are answered in order.
+When a head is complete and its exchange is first in line, the model is read,
+the snapshot matched, an endpoint picked and the request head written to a
+pooled upstream connection, followed by the body as it arrives. Bytes for the
+upstream gathered during one read are written with one call. The upstream's
+response comes back through the Exchange (a ResponseSink) and goes to the client
+as it came, with hop-by-hop headers dropped and x-meshproxy-upstream added.
+No task or future is made per request; timeouts are deadlines that one ticker
+checks (app.py runs it), so arming one costs an attribute write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Callable
+
+import httptools
+
+from meshproxy import model_name
+from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, MalformedRequest,
+                              NoHealthyUpstream, ProxyError, UpgradeRequired, UpstreamTimeout,
+                              render_http)
+
+# Not forwarded: they describe this hop, or the proxy answers them itself (Expect).
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
+                        b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"))
+_RESPONSE_HOP_MARKERS = (b"\r\nconnection:", b"\r\nkeep-alive:", b"\r\nproxy-connection:",
+                         b"\r\nupgrade:")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PAUSE_OUTBOX = 1 << 20  # stop reading the client while this much waits for an upstream
+
+
+class RequestTimeout(ProxyError):
+    status, grpc_code, close = 408, "DEADLINE_EXCEEDED", True
+
+
+class HttpContext:
+    """What every connection of one listener shares. `snapshot` is swapped whole on updates."""
+
+    def __init__(self, settings, metrics, snapshot, local: Callable, rnd: Callable[[], float]):
+        self.settings = settings
+        self.metrics = metrics
+        self.snapshot = snapshot
+        self.local = local  # (method, path) -> (status, json bytes) | None
+        self.rnd = rnd
+        self.now = time.monotonic()  # coarse clock, advanced by the ticker
+        self.connections: set[HttpConnection] = set()
+        self.draining = False
+
+    def tick(self) -> None:
+        """Advance the clock and expire what is overdue (called every 100 ms)."""
+        self.now = now = time.monotonic()
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn.expire()
+
+    def drain(self) -> None:
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+
+class Exchange:
+    """One request/response on a client connection; the upstream reports to it."""
+
+    __slots__ = ("conn", "url", "headers", "method", "head_done", "request_done", "keep_alive",
+                 "model", "endpoint", "upstream", "outbox", "outbox_size", "chunked", "started",
+                 "response_done", "status", "t0", "body_bytes", "discard", "close_after",
+                 "routed")
+
+    def __init__(self, conn: "HttpConnection"):
+        self.conn = conn
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.head_done = self.request_done = self.started = self.response_done = False
+        self.chunked = self.discard = self.close_after = self.routed = False
+        self.keep_alive = True
+        self.model = ""
+        self.endpoint = None
+        self.upstream = None
+        self.outbox: list[bytes] = []
+        self.outbox_size = 0
+        self.status = 0
+        self.body_bytes = 0
+        self.t0 = time.perf_counter()
+
+    # -- ResponseSink
+    def upstream_ready(self, conn) -> None:
+        if self.response_done or self.conn.closed:  # answered (timeout) while connecting
+            conn.pool.release(conn)
+            return
+        self.upstream = conn
+        data = b"".join(self.outbox)
+        self.outbox.clear()
+        self.outbox_size = 0
+        conn.start(self, data, self.method == b"HEAD")
+        self.conn.resume_client()
+
+    def response_head(self, head: bytes, status: int, until_close: bool, rest: bytes) -> None:
+        self.status = status
+        self.started = True
+        conn = self.conn
+        if until_close:
+            self.close_after = True
+        if not self.request_done:  # the runtime may not have read the whole body
+            self.upstream.forbid_reuse()
+        close = self.close_after or not self.keep_alive or conn.ctx.draining
+        if any(m in head.lower() for m in _RESPONSE_HOP_MARKERS):
+            head = strip_hop_by_hop(head)
+        if head[5:8] == b"1.0":
+            head = b"HTTP/1.1" + head[8:]
+        parts = [head[:-2]]
+        if conn.ctx.settings.upstream_header:
+            parts.append(self.endpoint.served_header)
+        if close:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if rest:
+            parts.append(rest)
+        conn.transport.writelines(parts)
+
+    def response_body(self, data: bytes) -> None:
+        self.conn.transport.write(data)
+
+    def response_complete(self, reusable: bool) -> None:
+        self.upstream = None
+        self.response_done = True
+        self.endpoint.active -= 1
+        if self.request_done:
+            self.conn.finish(self)
+        else:  # the runtime answered before reading the whole body: read and drop the rest
+            self.discard = True
+            self.close_after = True
+
+    def upstream_failed(self, err: ProxyError, response_started: bool) -> None:
+        self.upstream = None
+        if self.response_done:  # already answered here (a timeout): nothing is waiting
+            return
+        if response_started or self.started:
+            self.endpoint.active -= 1
+            self.response_done = True
+            self.conn.abort()  # half a response cannot be mended
+        else:
+            err.model = self.model
+            self.conn.reply_error(self, err)
+
+    def upstream_paused(self, paused: bool) -> None:
+        if paused:
+            self.conn.transport.pause_reading()
+        else:
+            self.conn.resume_client()
+
+    def abort_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self.routed and not self.response_done:
+            self.endpoint.active -= 1
+            self.response_done = True
+
+
+class HttpConnection(asyncio.Protocol):
+    """A client connection: parses requests, routes them, relays responses in order."""
+
+    def __init__(self, ctx: HttpContext):
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.cur: Exchange | None = None  # the exchange llhttp is filling
+        self.closed = False
+        self.fatal: ProxyError | None = None
+        self.client_ip = b""
+        self.head_size = 0
+        self.deadline = ctx.now + ctx.settings.idle_timeout
+        self.reading_paused = False
+
+    # -- asyncio
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = (peer[0] if peer else "unknown").encode()
+        self.ctx.connections.add(self)
+        self.deadline = self.ctx.now + self.ctx.settings.header_read_timeout
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.ctx.connections.discard(self)
+        for ex in self.queue:
+            ex.abort_upstream()
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade_ignored(data[e.args[0]:])
+        except httptools.HttpParserCallbackError as e:
+            if not self.closed and self.fatal is None:
+                self.protocol_error(e.__context__ if isinstance(e.__context__, ProxyError)
+                                    else MalformedRequest(f"invalid HTTP request: {e}"))
+        except httptools.HttpParserError as e:
+            self.protocol_error(MalformedRequest(f"invalid HTTP request: {_parser_reason(e)}"))
+        cur = self.cur
+        if cur is not None and not cur.head_done and not self.closed:
+            self.head_size += len(data)
+            if self.head_size > self.ctx.settings.max_request_headers_bytes:
+                self.protocol_error(HeadersTooLarge("request headers are too large"))
+        self.flush()
+
+    def _upgrade_ignored(self, rest: bytes) -> None:
+        # llhttp stops after a request asking to upgrade (h2c, websocket). The
+        # proxy does not upgrade: the request was served as HTTP/1.1, go on.
+        if rest and not self.closed:
+            self.data_received(rest)
+
+    def flush(self) -> None:
+        """Write what this read gathered for the upstream in one call."""
+        if self.queue:
+            ex = self.queue[0]
+            up = ex.upstream
+            if up is not None and ex.outbox:
+                up.transport.writelines(ex.outbox)
+                ex.outbox.clear()
+                ex.outbox_size = 0
+
+    def pause_writing(self) -> None:
+        if self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.transport.resume_reading()
+
+    def resume_client(self) -> None:
+        if self.reading_paused and len(self.queue) <= 1 and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def pause_client(self) -> None:
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    # -- llhttp callbacks
+    def on_message_begin(self) -> None:
+        if self.closed or self.fatal is not None:
+            raise MalformedRequest("request after the connection was closed")
+        ex = self.cur = Exchange(self)
+        self.queue.append(ex)
+        self.head_size = 0
+        if len(self.queue) == 1:
+            self.deadline = self.ctx.now + self.ctx.settings.header_read_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self.cur.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.cur.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.cur
+        ex.head_done = True
+        ex.method = self.parser.get_method()
+        ex.keep_alive = self.parser.should_keep_alive()
+        if sum(len(n) + len(v) + 4 for n, v in ex.headers) + len(ex.url) > \
+                self.ctx.settings.max_request_headers_bytes:
+            raise HeadersTooLarge("request headers are too large")
+        if ex is self.queue[0]:
+            self.start(ex)
+        else:
+            self.pause_client()  # pipelined: hold it until the ones before are answered
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.cur
+        ex.body_bytes += len(body)
+        if ex.body_bytes > self.ctx.settings.max_request_body_bytes and not ex.discard:
+            raise BodyTooLarge(
+                f"request body is larger than {self.ctx.settings.max_request_body_bytes} bytes")
+        if ex.discard:
+            return
+        if ex.chunked:
+            ex.outbox.append(b"%x\r\n" % len(body))
+            ex.outbox.append(body)
+            ex.outbox.append(b"\r\n")
+        else:
+            ex.outbox.append(body)
+        if ex.upstream is None:
+            ex.outbox_size += len(body)
+            if ex.outbox_size > _PAUSE_OUTBOX:
+                self.pause_client()
+
+    def on_message_complete(self) -> None:
+        ex = self.cur
+        self.cur = None
+        ex.request_done = True
+        if ex.chunked and not ex.discard:
+            ex.outbox.append(b"0\r\n\r\n")
+        if ex.response_done and ex is self.queue[0]:
+            self.finish(ex)
+
+    # -- the exchange's life
+    def start(self, ex: Exchange) -> None:
+        """Route a complete head and send it upstream, or answer it here."""
+        self.deadline = self.ctx.now + self.ctx.settings.request_timeout
+        try:
+            self.route(ex)
+        except ProxyError as err:
+            self.reply_error(ex, err)
+
+    def route(self, ex: Exchange) -> None:
+        ctx = self.ctx
+        settings = ctx.settings
+        if self.parser.get_http_version() != "1.1":
+            raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
+        hosts = 0
+        model_value = None
+        expect = False
+        content_length = -1
+        tokens = ()
+        kept = []
+        xff = None
+        header_names = settings.model_headers
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"transfer-encoding":
+                    ex.chunked = True
+                elif lname == b"connection":
+                    tokens = tokens + tuple(t.strip() for t in value.lower().split(b","))
+                elif lname == b"expect" and value.lower() == b"100-continue":
+                    expect = True
+                continue
+            if lname == b"host":
+                hosts += 1
+            elif lname == b"content-length":
+                content_length = int(value)
+            elif lname == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+                continue
+            if lname in header_names:
+                if model_value is not None and model_value != value:
+                    raise BadRequest("the request names two different models in its headers")
+                model_value = value
+            kept.append((lname, name, value))
+        if hosts != 1:
+            raise MalformedRequest("a request must have exactly one Host header")
+        if content_length > settings.max_request_body_bytes:
+            raise BodyTooLarge(
+                f"request body of {content_length} bytes is larger than "
+                f"{settings.max_request_body_bytes} bytes")
+        model, version = model_name.resolve(model_value, ex.url)
+        if model is None:
+            self.answer_local(ex)
+            return
+        ex.model = model
+        target, balancer = ctx.snapshot.match(model, version, ctx.rnd)
+        endpoint = balancer.pick(ctx.rnd)
+        if endpoint is None:
+            raise NoHealthyUpstream(f"model {target.model!r} has no healthy runtime", model)
+        url = ex.url
+        if target.rewrite:
+            url = rewrite_path(url, model, target)
+        head = [b"%s %s HTTP/1.1\r\n" % (ex.method, url)]
+        for lname, name, value in kept:
+            if tokens and lname in tokens:
+                continue
+            if target.rewrite and lname in header_names:
+                value = target.model_bytes
+            head.append(b"%s: %s\r\n" % (name, value))
+        head.append(b"x-forwarded-for: %s\r\n" % (self.client_ip if xff is None
+                                                   else xff + b", " + self.client_ip))
+        if ex.chunked:
+            head.append(b"transfer-encoding: chunked\r\n")
+        head.append(b"\r\n")
+        ex.outbox.insert(0, b"".join(head))
+        ex.routed = True
+        ex.endpoint = endpoint
+        endpoint.active += 1
+        endpoint.total += 1
+        self.deadline = ctx.now + target.timeout
+        if expect and not ex.request_done:
+            self.transport.write(_CONTINUE)
+        conn = endpoint.pool.acquire()
+        if conn is not None:
+            ex.upstream = conn
+            conn.start(ex, b"", ex.method == b"HEAD")
+        else:
+            endpoint.pool.connect(ex)
+
+    def answer_local(self, ex: Exchange) -> None:
+        path = ex.url.split(b"?", 1)[0]
+        answer = self.ctx.local(ex.method, path)
+        if answer is None:
+            raise BadRequest(
+                "no model named: set the 'model' header or use a /v2/models/{name}/... path")
+        status, body = answer
+        ex.status = status
+        ex.started = ex.response_done = ex.discard = True
+        keep = ex.keep_alive and not self.ctx.draining
+        self.transport.write(b"".join((
+            b"HTTP/1.1 %d %s\r\n" % (status, b"OK" if status == 200 else b"Service Unavailable"),
+            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            b"" if keep else b"connection: close\r\n", b"\r\n", body)))
+        if ex.request_done:
+            self.finish(ex)
+
+    def reply_error(self, ex: Exchange, err: ProxyError) -> None:
+        """Answer `ex` with the error (if nothing was sent yet) and drop its upstream."""
+        ex.abort_upstream()
+        ex.discard = True
+        ex.outbox.clear()
+        self.ctx.metrics.record_local_error(err.status, type(err).__name__)
+        if not ex.started:  # a body still arriving is read and dropped, then the next request
+            ex.started = True
+            ex.status = err.status
+            ex.close_after = ex.close_after or err.close
+            self.transport.write(render_http(
+                err, ex.keep_alive and not ex.close_after and not self.ctx.draining))
+        ex.response_done = True
+        if err.close:
+            self.finish(ex, force_close=True)
+        elif ex.request_done:
+            self.finish(ex)
+
+    def finish(self, ex: Exchange, force_close: bool = False) -> None:
+        """The exchange is over both ways: record it and move on to the next or close."""
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        endpoint = ex.endpoint
+        self.ctx.metrics.record_request(
+            ex.model if ex.routed or self.ctx.snapshot.is_known(ex.model) else "", "rest",
+            ex.status, endpoint.name if endpoint is not None and ex.routed else "",
+            time.perf_counter() - ex.t0)
+        if self.closed:
+            return
+        if force_close or ex.close_after or not ex.keep_alive or self.ctx.draining:
+            self.close()
+            return
+        if self.fatal is not None and not self.queue:
+            self.protocol_error(self.fatal)
+            return
+        if self.queue:
+            nxt = self.queue[0]
+            self.resume_client()
+            if nxt.head_done:
+                self.start(nxt)
+                self.flush()
+        else:
+            self.deadline = self.ctx.now + self.ctx.settings.idle_timeout
+            self.resume_client()
+
+    def protocol_error(self, err: ProxyError) -> None:
+        """The client sent bytes that are not valid HTTP: answer after earlier requests, then close."""
+        cur = self.cur
+        if cur is not None and cur.head_done and cur is self.queue[0]:
+            if cur.started:
+                self.abort()
+            else:
+                self.reply_error(cur, err)
+            return
+        if cur is not None and self.queue and self.queue[-1] is cur:
+            self.queue.pop()  # it will get this error as its answer, after those before it
+            self.cur = None
+        if self.queue:  # earlier requests are still being answered
+            self.fatal = err
+            self.pause_client()
+            return
+        self.ctx.metrics.record_local_error(err.status, type(err).__name__)
+        self.ctx.metrics.record_request("", "rest", err.status, "", 0.0)
+        self.transport.write(render_http(err, False))
+        self.close()
+
+    def expire(self) -> None:
+        """The deadline passed: close an idle connection, answer 408 or 504."""
+        if not self.queue:
+            if self.cur is not None or self.fatal is not None:
+                self.protocol_error(RequestTimeout("the request head did not arrive in time"))
+            else:
+                self.close()
+            return
+        ex = self.queue[0]
+        if not ex.head_done:
+            self.protocol_error(RequestTimeout("the request head did not arrive in time"))
+        elif ex.started and not ex.response_done:
+            ex.abort_upstream()
+            self.abort()
+        else:
+            name = ex.endpoint.name if ex.endpoint is not None else "the runtime"
+            self.reply_error(ex, UpstreamTimeout(
+                f"model {ex.model!r}: {name} did not answer in time", ex.model))
+            self.deadline = self.ctx.now + self.ctx.settings.idle_timeout
+
+    def drain(self) -> None:
+        if not self.queue and self.cur is None:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.deadline = float("inf")
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        for ex in self.queue:
+            ex.abort_upstream()
+        self.transport.abort()
+
+
+def rewrite_path(url: bytes, model: str, target) -> bytes:
+    """Point a /v2/models/{model}/... path at the target model (and version) a split chose."""
+    prefix = b"/v2/models/" + model.encode()
+    if not url.startswith(prefix):
+        return url
+    rest = url[len(prefix):]
+    if rest.startswith(b"/versions/"):
+        rest = rest[len(b"/versions/"):]
+        rest = rest[rest.find(b"/"):] if b"/" in rest else b""
+    version = b"/versions/" + target.version.encode() if target.version else b""
+    return b"/v2/models/" + target.model_bytes + version + rest
+
+
+def strip_hop_by_hop(head: bytes) -> bytes:
+    """Drop Connection, Keep-Alive, Upgrade and the headers Connection names from a response head."""
+    lines = head[:-4].split(b"\r\n")
+    named = set()
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"connection":
+            named.update(t.strip() for t in value.lower().split(b","))
+    drop = HOP_BY_HOP - {b"transfer-encoding"} | named
+    kept = [lines[0]] + [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in drop]
+    return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+def _parser_reason(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text.replace("HPE_", "").lower() if text.startswith("HPE_") else text
+
+

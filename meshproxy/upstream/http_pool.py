@@ -1,0 +1,219 @@
+"""Keep-alive pools of upstream HTTP/1.1 connections, one pool per endpoint, LIFO so warm ones stay warm.
+
+An UpstreamConnection carries one exchange at a time. It parses the response
+with llhttp only to learn the status and where the message ends; the bytes are
+passed to the exchange as they came (head, then raw body pieces), so the body
+is never re-framed or copied into Python objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import httptools
+
+from meshproxy.errors import ProxyError, UpstreamFailure, UpstreamTimeout
+
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to (the ingress exchange)."""
+
+    def upstream_ready(self, conn: "UpstreamConnection") -> None: ...
+    def response_head(self, head: bytes, status: int, until_close: bool, rest: bytes) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self, reusable: bool) -> None: ...
+    def upstream_failed(self, err: ProxyError, response_started: bool) -> None: ...
+    def upstream_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_in_head",
+                 "_done", "_until_close", "_keep_alive", "_no_body")
+
+    def __init__(self, pool: "HttpPool"):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._head = bytearray()
+        self._statuses: list[int] = []  # of heads llhttp finished and we have not taken yet
+        self._in_head = True
+        self._done = self._until_close = self._no_body = False
+        self._keep_alive = True
+
+    # -- used by the exchange
+    def start(self, sink: ResponseSink, data: bytes, no_body: bool = False) -> None:
+        """Give this connection to `sink` and send the first bytes of its request."""
+        self.sink = sink
+        self._no_body = no_body  # HEAD: the response has a head only, whatever it says
+        if data:
+            self.transport.write(data)
+
+    def forbid_reuse(self) -> None:
+        """Close after this response: the request may not have been read to its end."""
+        self._keep_alive = False
+
+    def abort(self) -> None:
+        """Drop the connection (the exchange gave up on it)."""
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- llhttp callbacks
+    def on_headers_complete(self) -> None:
+        self._statuses.append(self._parser.get_status_code())
+        self._keep_alive = self._parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        if self._parser.get_status_code() >= 200:
+            self._done = True
+
+    # -- asyncio
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:  # bytes from an idle connection: it cannot be trusted any more
+            self.transport.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(UpstreamFailure(f"runtime {self.pool.name} sent invalid HTTP: {e}"))
+            return
+        if self._in_head:
+            self._take_head(sink, data)
+        else:
+            sink.response_body(data)
+        if self._done or (self._no_body and not self._in_head):
+            self._complete(self._keep_alive and not self._until_close)
+
+    def _take_head(self, sink: ResponseSink, data: bytes) -> None:
+        self._head += data
+        while self._statuses:
+            status = self._statuses.pop(0)
+            end = self._head.find(b"\r\n\r\n")
+            head, rest = bytes(self._head[:end + 4]), bytes(self._head[end + 4:])
+            if status < 200:  # an interim response: drop it, the final one follows
+                self._head = bytearray(rest)
+                continue
+            self._head = bytearray()
+            self._in_head = False
+            self._until_close = (not self._no_body and status not in (204, 304)
+                                 and _no_framing(head))
+            sink.response_head(head, status, self._until_close, rest)
+            return
+        if len(self._head) > MAX_RESPONSE_HEAD:
+            self._fail(UpstreamFailure(f"runtime {self.pool.name} sent a response head over 64 KiB"))
+
+    def _complete(self, reusable: bool) -> None:
+        sink, self.sink = self.sink, None
+        if self._no_body:
+            self._parser = httptools.HttpResponseParser(self)  # llhttp still expects the body
+        self._reset()
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.transport.close()
+        sink.response_complete(reusable)
+
+    def _fail(self, err: ProxyError) -> None:
+        sink, self.sink = self.sink, None
+        self.transport.abort()
+        if sink is not None:
+            sink.upstream_failed(err, not self._in_head)
+
+    def connection_lost(self, exc) -> None:
+        self.pool.forget(self)
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if self._until_close and not self._in_head:
+            sink.response_complete(False)
+            return
+        sink.upstream_failed(UpstreamFailure(
+            f"runtime {self.pool.name} closed the connection before the response was complete"),
+            not self._in_head)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_paused(False)
+
+
+def _no_framing(head: bytes) -> bool:
+    lower = head.lower()
+    return b"\r\ncontent-length:" not in lower and b"\r\ntransfer-encoding:" not in lower
+
+
+class HttpPool:
+    """Idle keep-alive connections to one endpoint, newest first out."""
+
+    def __init__(self, name: str, host: str, port: int, connect_timeout: float, max_idle: int):
+        self.name = name
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle: list[UpstreamConnection] = []
+        self.connecting = 0
+        self.closed = False
+
+    def acquire(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.transport.is_closing():
+                return conn
+        return None
+
+    def connect(self, sink: ResponseSink) -> None:
+        """Open a new connection for `sink`; it hears upstream_ready or upstream_failed."""
+        asyncio.get_running_loop().create_task(self._connect(sink))
+
+    async def _connect(self, sink: ResponseSink) -> None:
+        loop = asyncio.get_running_loop()
+        self.connecting += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+                self.connect_timeout)
+        except asyncio.TimeoutError:
+            sink.upstream_failed(UpstreamTimeout(
+                f"connect to runtime {self.name} ({self.host}:{self.port}) timed out"), False)
+        except OSError as e:
+            sink.upstream_failed(UpstreamFailure(
+                f"cannot connect to runtime {self.name} ({self.host}:{self.port}): "
+                f"{e.strerror or e}"), False)
+        else:
+            sink.upstream_ready(conn)
+        finally:
+            self.connecting -= 1
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self.closed or len(self.idle) >= self.max_idle or conn.transport.is_closing():
+            conn.transport.close()
+        else:
+            self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self.idle:
+            conn.transport.close()
+        self.idle.clear()
