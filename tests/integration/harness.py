@@ -1,0 +1,89 @@
+"""Real servers on 127.0.0.1 port 0 for integration tests: devtools runtimes, a proxy, raw clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import textwrap
+
+from meshproxy.app import ProxyApp
+from meshproxy.config import load_text
+from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
+
+
+@contextlib.asynccontextmanager
+async def runtimes(*specs: tuple[str, list[str]], **options):
+    """Start one devtools runtime per (name, models); yield them; stop them."""
+    started = []
+    try:
+        for name, models in specs:
+            rt = DevRuntime(RuntimeOptions(name=name, models=models, http_port=0, grpc_port=None,
+                                           **options))
+            await rt.start()
+            started.append(rt)
+        yield started
+    finally:
+        for rt in started:
+            await rt.stop()
+
+
+def runtime_yaml(name: str, port: int, models: list[str]) -> str:
+    ms = ", ".join("{name: %s}" % m for m in models)
+    return f"    - name: {name}\n      http_address: 127.0.0.1:{port}\n      models: [{ms}]\n"
+
+
+@contextlib.asynccontextmanager
+async def proxy(rts=(), extra: str = "", listed: dict[str, list[str]] | None = None,
+                dead: dict[str, list[str]] | None = None, routes: str = ""):
+    """A ProxyApp in front of `rts` (each listed with its own models unless `listed` says
+    otherwise); `dead` adds runtimes at ports where nothing listens."""
+    body = "".join(runtime_yaml(rt.name, rt.http_port, (listed or {}).get(rt.name, rt.loaded_models()))
+                   for rt in rts)
+    for name, models in (dead or {}).items():
+        body += runtime_yaml(name, free_port(), models)
+    text = ("listeners: {http_address: '127.0.0.1:0'}\nadmin: {address: '127.0.0.1:0'}\n"
+            + textwrap.dedent(extra) + "static_resources:\n  runtimes:\n" + body
+            + ("  routes:\n" + textwrap.indent(textwrap.dedent(routes), "    ") if routes else ""))
+    app = ProxyApp(load_text(text))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes; read until the server closes (or `timeout`, then return what came)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    chunks = []
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+    except TimeoutError:
+        chunks.append(b"<still open>")
+    writer.close()
+    return b"".join(chunks)
+
+
+def statuses(raw_response: bytes) -> list[int]:
+    return [int(line.split()[1]) for line in raw_response.split(b"\r\n")
+            if line.startswith(b"HTTP/1.1 ")]
+
+
+async def eventually(predicate, timeout: float = 5.0, interval: float = 0.01):
+    """Poll `predicate` until true or fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(interval)

@@ -1,0 +1,97 @@
+"""The `meshproxy` command as users run it: check-config, proxy lifecycle, demo."""
+
+import asyncio
+import re
+import signal
+import sys
+
+import aiohttp
+
+MESHPROXY = [sys.executable, "-m", "meshproxy"]
+
+
+async def spawn(*args):
+    return await asyncio.create_subprocess_exec(
+        *MESHPROXY, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def first_line(proc, pattern: str, timeout: float = 15.0) -> re.Match:
+    async with asyncio.timeout(timeout):
+        while line := await proc.stdout.readline():
+            m = re.search(pattern, line.decode())
+            if m:
+                return m
+    raise AssertionError(f"no line matching {pattern!r}; stderr: {await proc.stderr.read()}")
+
+
+async def run(*args, timeout: float = 60.0):
+    proc = await spawn(*args)
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_config_accepts_good_and_names_the_bad_field(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("static_resources: {runtimes: [{name: a, http_address: '127.0.0.1:1', "
+                    "models: [{name: m}]}]}\n")
+    code, out, _ = await run("check-config", str(good))
+    assert code == 0 and "ok" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("static_resources: {runtimes: [{name: a, http_adress: '127.0.0.1:1'}]}\n")
+    code, _, err = await run("check-config", str(bad))
+    assert code == 64 and "http_adress" in err and "bad.yaml" in err
+
+
+async def test_proxy_with_bad_config_exits_64_before_listening(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listeners: {http_address: '127.0.0.1:0'}\n"
+                   "static_resources: {routes: [{model: m, balancer: fastest}]}\n")
+    code, out, err = await run("proxy", "-c", str(bad))
+    assert code == 64 and "static_resources.routes[0].balancer" in err and "ready" not in out
+
+
+async def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
+    runtime = await spawn("runtime", "--name", "slow", "--models", "sum", "--http-port", "0",
+                          "--grpc-port", "none", "--latency-ms", "700")
+    proxy = None
+    try:
+        rport = (await first_line(runtime, r"http=127\.0\.0\.1:(\d+)")).group(1)
+        cfg = tmp_path / "proxy.yaml"
+        cfg.write_text(f"listeners: {{http_address: '127.0.0.1:0'}}\nadmin: {{address: '127.0.0.1:0'}}\n"
+                       f"static_resources: {{runtimes: [{{name: slow, http_address: '127.0.0.1:{rport}', "
+                       f"models: [{{name: sum}}]}}]}}\n")
+        proxy = await spawn("proxy", "-c", str(cfg))
+        m = await first_line(proxy, r"rest=127\.0\.0\.1:(\d+) admin=127\.0\.0\.1:(\d+)")
+        port, admin = m.group(1), m.group(2)
+        async with aiohttp.ClientSession() as s:
+            body = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [2, 3]}]}
+            pending = asyncio.ensure_future(s.post(f"http://127.0.0.1:{port}/v2/models/sum/infer", json=body))
+            active = {"n": 0}
+
+            async def poll():
+                async with s.get(f"http://127.0.0.1:{admin}/clusters") as r:
+                    active["n"] = (await r.json())["endpoints"][0]["active_requests"]
+            async with asyncio.timeout(10):
+                while active["n"] != 1:
+                    await poll()
+            proxy.send_signal(signal.SIGTERM)
+            resp = await pending
+            assert resp.status == 200 and (await resp.json())["outputs"][0]["data"] == [5]
+            assert resp.headers.get("connection") == "close"
+        async with asyncio.timeout(15):
+            assert await proxy.wait() == 0
+    finally:
+        for p in (proxy, runtime):
+            if p is not None and p.returncode is None:
+                p.kill()
+                await p.wait()
+
+
+async def test_demo_once_shows_every_model_served_only_by_its_holders():
+    code, out, err = await run("demo", "--once")
+    assert code == 0, err
+    rows = [ln for ln in out.splitlines() if ln.count("|") == 3 and not ln.startswith("model")]
+    assert len(rows) == 5, out
+    assert all(ln.rstrip().endswith("yes") for ln in rows), out
+    assert "curl" in out

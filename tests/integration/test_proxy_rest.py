@@ -1,0 +1,209 @@
+"""The REST data plane end to end: devtools runtimes, a proxy, real HTTP clients."""
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import pytest
+
+from tests.integration.harness import eventually, proxy, raw, runtimes, statuses
+
+SUM_BODY = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}
+
+
+async def post(session, url, body=SUM_BODY, **kw):
+    async with session.post(url, json=body, **kw) as resp:
+        return resp.status, resp.headers, await resp.json(content_type=None)
+
+
+async def test_each_model_is_served_only_by_runtimes_that_hold_it():
+    async with runtimes(("r1", ["sum", "identity"]), ("r2", ["sum", "mnist"]),
+                        ("r3", ["mnist"])) as rts, proxy(rts) as p:
+        base = f"http://127.0.0.1:{p.http_port}"
+        served = {"sum": set(), "identity": set(), "mnist": set()}
+        async with aiohttp.ClientSession() as s:
+            for _ in range(20):
+                status, headers, body = await post(s, f"{base}/v2/models/sum/infer")
+                assert status == 200 and body["outputs"][0]["data"] == [6]
+                assert headers["x-meshproxy-upstream"] == body["parameters"]["runtime"]
+                served["sum"].add(headers["x-meshproxy-upstream"])
+                # the model header alone routes too
+                status, headers, body = await post(
+                    s, f"{base}/v2/models/identity/infer", headers={"model": "identity"})
+                assert status == 200 and body["outputs"][0]["data"] == [1, 2, 3]
+                served["identity"].add(headers["x-meshproxy-upstream"])
+                status, headers, _ = await post(s, f"{base}/v2/models/mnist/infer", body={
+                    "inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]})
+                assert status == 200
+                served["mnist"].add(headers["x-meshproxy-upstream"])
+        assert served == {"sum": {"r1", "r2"}, "identity": {"r1"}, "mnist": {"r2", "r3"}}
+
+
+@pytest.mark.parametrize("path, headers, status, words", [
+    ("/v2/models/nosuch/infer", {}, 404, ["nosuch", "not known"]),
+    ("/infer", {}, 400, ["no model"]),
+    ("/v2/models/bad%2Fname/infer", {}, 400, ["invalid model name"]),
+    ("/v2/models/sum/infer", {"model": "identity"}, 400, ["'identity'", "'sum'"]),
+    ("/v2/models/ghost/infer", {}, 503, ["ghost", "no ready runtime"]),
+    ("/v2/models/lost/infer", {}, 502, ["lost", "cannot connect"]),
+])
+async def test_errors_follow_the_error_table(path, headers, status, words):
+    async with runtimes(("r1", ["sum"])) as rts, proxy(
+            rts, dead={"down": ["lost"]}, routes="- model: ghost\n") as p:
+        async with aiohttp.ClientSession() as s:
+            got, _, body = await post(s, f"http://127.0.0.1:{p.http_port}{path}", headers=headers)
+        assert got == status
+        assert all(w in body["error"] for w in words), body
+
+
+async def test_runtime_that_does_not_answer_in_time_gives_504_naming_the_model():
+    async with runtimes(("slow", ["sum"]), latency_ms=3000) as rts, proxy(
+            rts, routes="- model: sum\n  timeout: 0.3s\n") as p:
+        async with aiohttp.ClientSession() as s:
+            t0 = asyncio.get_running_loop().time()
+            status, _, body = await post(s, f"http://127.0.0.1:{p.http_port}/v2/models/sum/infer")
+            elapsed = asyncio.get_running_loop().time() - t0
+        assert status == 504 and "'sum'" in body["error"] and "slow" in body["error"]
+        assert elapsed < 2.0
+
+
+async def test_forwarded_headers_path_and_body():
+    async with runtimes(("r1", ["echo"])) as rts, proxy(rts) as p:
+        request = (b"POST /debug/echo/./a/../b%2F?q=1 HTTP/1.1\r\nHost: x\r\nModel: echo\r\n"
+                   b"Connection: keep-alive, x-private\r\nX-Private: secret\r\nKeep-Alive: 5\r\n"
+                   b"TE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Custom: a\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        reply = await raw(p.http_port, request + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\n\r\n")
+        first = reply.split(b"\r\n\r\n", 1)[1]
+        echo = json.loads(first[:first.index(b"}HTTP/1.1") + 1])
+        names = [n.lower() for n, _ in echo["headers"]]
+        assert echo["path"] == "/debug/echo/./a/../b%2F?q=1"  # exactly as sent
+        assert echo["body_bytes"] == 11
+        assert "x-private" not in names and "keep-alive" not in names and "te" not in names
+        assert dict((n.lower(), v) for n, v in echo["headers"])["x-forwarded-for"] == \
+            "10.0.0.1, 127.0.0.1"
+        assert "x-custom" in names and "model" in names
+        assert statuses(reply) == [200, 200]
+
+
+async def test_model_header_named_in_connection_still_routes():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n"
+                          b"Model: sum\r\nConnection: close, model\r\n\r\n")
+        assert statuses(reply) == [200] and b"x-meshproxy-upstream: r1" in reply
+
+
+BASE = b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: a\r\n"
+
+
+@pytest.mark.parametrize("name, request_bytes", [
+    ("content-length with transfer-encoding",
+     BASE + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("differing content-length", BASE + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+    ("repeated content-length", BASE + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc"),
+    ("bad chunk size", BASE + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+    ("invalid header name", BASE + b"X-A\x01b: 1\r\nContent-Length: 0\r\n\r\n"),
+    ("invalid header value", BASE + b"X-A: 1\x00\r\nContent-Length: 0\r\n\r\n"),
+    ("obsolete line folding", BASE + b"X-A: 1\r\n  folded\r\nContent-Length: 0\r\n\r\n"),
+    ("two host headers", BASE + b"Host: b\r\nContent-Length: 0\r\n\r\n"),
+    ("no host header", b"GET /v2/models/sum/ready HTTP/1.1\r\n\r\n"),
+    ("bare LF line ends", b"GET /v2/models/sum/ready HTTP/1.1\nHost: a\n\n"),
+])
+async def test_malformed_requests_get_400_and_close(name, request_bytes):
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, request_bytes)
+        assert statuses(reply) == [400], (name, reply)
+        assert reply.endswith(b"}") and b"connection: close" in reply  # closed, not left open
+
+
+async def test_valid_request_followed_by_garbage_still_gets_its_answer():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: a\r\n\r\n"
+                          b"\x16\x03\x01garbage\r\n\r\n")
+        assert statuses(reply) == [200, 400]
+
+
+async def test_pipelined_requests_are_answered_in_order():
+    async with runtimes(("r1", ["sum", "identity"])) as rts, proxy(rts) as p:
+        body = json.dumps(SUM_BODY).encode()
+        one = b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s"
+        reply = await raw(p.http_port, one % (b"sum", len(body), body) + one % (
+            b"identity", len(body), body) + b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\n"
+            b"Connection: close\r\n\r\n")
+        assert statuses(reply) == [200, 200, 200]
+        assert re.findall(rb'"model_name":\s*"(\w+)"', reply) == [b"sum", b"identity"]
+
+
+async def test_limits_on_headers_and_body():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts, extra="""
+            http: {max_request_body_bytes: 1000, max_request_headers_bytes: 2048}
+            """) as p:
+        big_header = BASE + b"X-Big: " + b"a" * 4000 + b"\r\nContent-Length: 0\r\n\r\n"
+        assert statuses(await raw(p.http_port, big_header)) == [431]
+        big_body = BASE + b"Content-Length: 5000\r\n\r\n" + b"x" * 5000
+        reply = await raw(p.http_port, big_body)
+        assert statuses(reply) == [413] and b"1000" in reply
+        chunked = BASE + b"Transfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"y" * 1024 + b"\r\n" * 2
+        assert statuses(await raw(p.http_port, chunked)) == [413]
+
+
+async def test_slow_request_head_gets_408():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts, extra="http: {header_read_timeout: 0.3s}\n") as p:
+        reply = await raw(p.http_port, b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: a\r\n")
+        assert statuses(reply) == [408]
+
+
+async def test_large_bodies_stream_both_ways_on_kept_alive_connections():
+    async with runtimes(("r1", ["identity"])) as rts, proxy(rts) as p:
+        data = [float(i % 97) for i in range(60_000)]  # ~ 600 KB of JSON each way
+        body = {"inputs": [{"name": "x", "shape": [len(data)], "datatype": "FP32", "data": data}]}
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                status, _, out = await post(s, f"http://127.0.0.1:{p.http_port}/v2/models/identity/infer",
+                                            body=body)
+                assert status == 200 and out["outputs"][0]["data"] == data
+        endpoint = p.ctx.snapshot.endpoints["r1"]
+        await eventually(lambda: len(endpoint.pool.idle) == 1)  # one warm connection was reused
+        assert endpoint.total == 3 and endpoint.active == 0
+
+
+async def test_upstream_header_can_be_switched_off_and_proxy_answers_health_itself():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts, extra="http: {upstream_header: false}\n") as p:
+        async with aiohttp.ClientSession() as s:
+            status, headers, _ = await post(s, f"http://127.0.0.1:{p.http_port}/v2/models/sum/infer")
+            assert status == 200 and "x-meshproxy-upstream" not in headers
+            async with s.get(f"http://127.0.0.1:{p.http_port}/v2/health/ready") as r:
+                assert r.status == 200 and (await r.json()) == {"ready": True}
+            async with s.post(f"http://127.0.0.1:{p.http_port}/v2/repository/index") as r:
+                assert await r.json() == [{"name": "sum", "state": "READY", "runtimes": ["r1"]}]
+
+
+async def test_admin_shows_clusters_config_and_metrics():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                await post(s, f"http://127.0.0.1:{p.http_port}/v2/models/sum/infer")
+            await post(s, f"http://127.0.0.1:{p.http_port}/v2/models/nosuch/infer")
+            admin = f"http://127.0.0.1:{p.admin_port}"
+            async with s.get(f"{admin}/clusters") as r:
+                (row,) = (await r.json())["endpoints"]
+                assert row["runtime"] == "r1" and row["models"] == ["sum"] and row["requests_total"] == 5
+            async with s.get(f"{admin}/config_dump") as r:
+                assert (await r.json())["runtimes"][0]["name"] == "r1"
+            async with s.get(f"{admin}/metrics") as r:
+                text = await r.text()
+        from prometheus_client.parser import text_string_to_metric_families
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        ok = samples[("meshproxy_requests_total", (("code", "200"), ("code_class", "2xx"),
+                                                   ("model", "sum"), ("protocol", "rest"),
+                                                   ("runtime", "r1")))]
+        assert ok == 5
+        assert samples[("meshproxy_request_duration_seconds_count",
+                        (("model", "sum"), ("protocol", "rest")))] == 5
+        assert samples[("meshproxy_requests_total", (("code", "404"), ("code_class", "4xx"),
+                                                     ("model", ""), ("protocol", "rest"),
+                                                     ("runtime", "")))] == 1
