@@ -1,8 +1,6 @@
-import pytest
 import uvloop
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy():
+def pytest_asyncio_loop_factories(config, item):
     # The proxy runs on uvloop in production; test on the same loop.
-    return uvloop.EventLoopPolicy()
+    return {"uvloop": uvloop.new_event_loop}

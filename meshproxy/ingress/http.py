@@ -147,6 +147,7 @@ class Exchange:
             self.conn.abort()  # half a response cannot be mended
         else:
             err.model = self.model
+            err.message = f"model {self.model!r}: {err.message}"
             self.conn.reply_error(self, err)
 
     def upstream_paused(self, paused: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import textwrap
 
@@ -75,8 +76,8 @@ async def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 
 def statuses(raw_response: bytes) -> list[int]:
-    return [int(line.split()[1]) for line in raw_response.split(b"\r\n")
-            if line.startswith(b"HTTP/1.1 ")]
+    """The status codes of the responses in a raw byte stream, in order."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) [A-Z]", raw_response)]
 
 
 async def eventually(predicate, timeout: float = 5.0, interval: float = 0.01):
