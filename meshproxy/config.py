@@ -12,6 +12,7 @@ from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, resources_pb2
 from meshproxy.cluster.balancer import BALANCERS
 from meshproxy.errors import BadRequest
 from meshproxy.model_name import validate as validate_model_name
+from meshproxy.upstream.retry import from_proto as retry_from_proto
 
 EXIT_CONFIG = 64  # EX_USAGE, as linkerd2-proxy exits on bad config
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
@@ -179,6 +180,11 @@ def _validate_routes(routes, prefix: str) -> None:
                 raise ConfigError(f"{where}.targets[{j}].weight: must be at least 1 in a split")
         if route.HasField("timeout") and route.timeout.ToNanoseconds() <= 0:
             raise ConfigError(f"{where}.timeout: must be positive")
+        if route.HasField("retry_policy"):
+            try:
+                retry_from_proto(route.retry_policy, f"{where}.retry_policy")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 def _model(name: str, where: str) -> None:

@@ -18,6 +18,9 @@ from meshproxy.cluster.balancer import BALANCERS, DEFAULT_BALANCER, LoadBalancer
 from meshproxy.cluster.endpoints import Endpoint
 from meshproxy.config import parse_address
 from meshproxy.errors import NoHealthyUpstream, UnknownModel
+from meshproxy.upstream.retry import RetryPolicy, from_proto as retry_from_proto
+
+DEFAULT_RETRY = RetryPolicy()
 
 READY = resources_pb2.LoadedModel.READY
 
@@ -25,10 +28,11 @@ READY = resources_pb2.LoadedModel.READY
 class Target:
     """Where one route sends a share of its traffic: a model (and version) and its cluster."""
 
-    __slots__ = ("model", "version", "weight", "balancer", "timeout", "rewrite", "model_bytes")
+    __slots__ = ("model", "version", "weight", "balancer", "timeout", "rewrite", "model_bytes",
+                 "retry")
 
     def __init__(self, model: str, version: str | None, weight: int, balancer: LoadBalancer | None,
-                 timeout: float, rewrite: bool):
+                 timeout: float, rewrite: bool, retry: RetryPolicy = DEFAULT_RETRY):
         self.model = model
         self.model_bytes = model.encode()
         self.version = version
@@ -36,6 +40,7 @@ class Target:
         self.balancer = balancer  # None: no runtime holds the model READY
         self.timeout = timeout
         self.rewrite = rewrite    # the upstream must be asked for `model`, not the client's name
+        self.retry = retry
 
 
 class Route:
@@ -148,9 +153,11 @@ def build(version: str, runtimes: Iterable[resources_pb2.Runtime],
     for r in routes:
         timeout = r.timeout.ToNanoseconds() / 1e9 if r.HasField("timeout") else default_timeout
         specs = r.targets or [resources_pb2.WeightedTarget(model=r.model, weight=1)]
+        policy = retry_from_proto(r.retry_policy) if r.HasField("retry_policy") else DEFAULT_RETRY
         table[r.model] = Route(r.model, [
             Target(t.model, t.version or None, max(t.weight, 1),
-                   balancer_for(t.model, balancer_names[r.model]), timeout, t.model != r.model)
+                   balancer_for(t.model, balancer_names[r.model]), timeout,
+                   t.model != r.model or bool(t.version), policy)
             for t in specs])
     for model in holders:
         if model not in table:

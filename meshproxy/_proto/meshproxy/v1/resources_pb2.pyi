@@ -81,13 +81,47 @@ class WeightedTarget(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class ModelRoute(_message.Message):
-    __slots__ = ("model", "targets", "timeout", "balancer")
+    __slots__ = ("model", "targets", "timeout", "balancer", "retry_policy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     BALANCER_FIELD_NUMBER: _ClassVar[int]
+    RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     model: str
     targets: _containers.RepeatedCompositeFieldContainer[WeightedTarget]
     timeout: _duration_pb2.Duration
     balancer: str
-    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[WeightedTarget, _Mapping]]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., balancer: _Optional[str] = ...) -> None: ...
+    retry_policy: RetryPolicy
+    def __init__(self, model: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[WeightedTarget, _Mapping]]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., balancer: _Optional[str] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("retry_on", "num_retries", "per_try_timeout", "retriable_status_codes", "backoff", "budget", "max_buffered_body_bytes")
+    class Backoff(_message.Message):
+        __slots__ = ("base_interval", "max_interval")
+        BASE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+        MAX_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+        base_interval: _duration_pb2.Duration
+        max_interval: _duration_pb2.Duration
+        def __init__(self, base_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    class Budget(_message.Message):
+        __slots__ = ("budget_percent", "min_retry_concurrency")
+        BUDGET_PERCENT_FIELD_NUMBER: _ClassVar[int]
+        MIN_RETRY_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+        budget_percent: _wrappers_pb2.DoubleValue
+        min_retry_concurrency: _wrappers_pb2.UInt32Value
+        def __init__(self, budget_percent: _Optional[_Union[_wrappers_pb2.DoubleValue, _Mapping]] = ..., min_retry_concurrency: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ...) -> None: ...
+    RETRY_ON_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    PER_TRY_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRIABLE_STATUS_CODES_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_BUFFERED_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    retry_on: str
+    num_retries: _wrappers_pb2.UInt32Value
+    per_try_timeout: _duration_pb2.Duration
+    retriable_status_codes: _containers.RepeatedScalarFieldContainer[int]
+    backoff: RetryPolicy.Backoff
+    budget: RetryPolicy.Budget
+    max_buffered_body_bytes: _wrappers_pb2.UInt64Value
+    def __init__(self, retry_on: _Optional[str] = ..., num_retries: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., per_try_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retriable_status_codes: _Optional[_Iterable[int]] = ..., backoff: _Optional[_Union[RetryPolicy.Backoff, _Mapping]] = ..., budget: _Optional[_Union[RetryPolicy.Budget, _Mapping]] = ..., max_buffered_body_bytes: _Optional[_Union[_wrappers_pb2.UInt64Value, _Mapping]] = ...) -> None: ...
