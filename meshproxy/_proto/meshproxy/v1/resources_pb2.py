@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshproxy/v1/resources.proto\x12\x0cmeshproxy.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1egoogle/protobuf/wrappers.proto\"\x9d\x01\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.meshproxy.v1.LoadedModel.State\"?\n\x05State\x12\t\n\x05READY\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\r\n\tUNLOADING\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\"\x8e\x03\n\x07Runtime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0chttp_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12.\n\x07\x64ialect\x18\x04 \x01(\x0e\x32\x1d.meshproxy.v1.Runtime.Dialect\x12)\n\x06models\x18\x05 \x03(\x0b\x32\x19.meshproxy.v1.LoadedModel\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12,\n\x06weight\x18\x07 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x31\n\x06labels\x18\x08 \x03(\x0b\x32!.meshproxy.v1.Runtime.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x07\x44ialect\x12\x0b\n\x07GENERIC\x10\x00\x12\n\n\x06TRITON\x10\x01\x12\x0c\n\x08MLSERVER\x10\x02\x12\n\n\x06KSERVE\x10\x03\x12\x0e\n\nTORCHSERVE\x10\x04\"@\n\x0eWeightedTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\"\xb9\x01\n\nModelRoute\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x07targets\x18\x02 \x03(\x0b\x32\x1c.meshproxy.v1.WeightedTarget\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x62\x61lancer\x18\x04 \x01(\t\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.meshproxy.v1.RetryPolicy\"\xb6\x04\n\x0bRetryPolicy\x12\x10\n\x08retry_on\x18\x01 \x01(\t\x12\x31\n\x0bnum_retries\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x32\n\x0fper_try_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16retriable_status_codes\x18\x04 \x03(\r\x12\x32\n\x07\x62\x61\x63koff\x18\x05 \x01(\x0b\x32!.meshproxy.v1.RetryPolicy.Backoff\x12\x30\n\x06\x62udget\x18\x06 \x01(\x0b\x32 .meshproxy.v1.RetryPolicy.Budget\x12=\n\x17max_buffered_body_bytes\x18\x07 \x01(\x0b\x32\x1c.google.protobuf.UInt64Value\x1al\n\x07\x42\x61\x63koff\x12\x30\n\rbase_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a{\n\x06\x42udget\x12\x34\n\x0e\x62udget_percent\x18\x01 \x01(\x0b\x32\x1c.google.protobuf.DoubleValue\x12;\n\x15min_retry_concurrency\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Valueb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshproxy/v1/resources.proto\x12\x0cmeshproxy.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1egoogle/protobuf/wrappers.proto\"\x9d\x01\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.meshproxy.v1.LoadedModel.State\"?\n\x05State\x12\t\n\x05READY\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\r\n\tUNLOADING\x10\x02\x12\x0f\n\x0bUNAVAILABLE\x10\x03\"\xb3\x04\n\x07Runtime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0chttp_address\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12.\n\x07\x64ialect\x18\x04 \x01(\x0e\x32\x1d.meshproxy.v1.Runtime.Dialect\x12)\n\x06models\x18\x05 \x03(\x0b\x32\x19.meshproxy.v1.LoadedModel\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12,\n\x06weight\x18\x07 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x31\n\x06labels\x18\x08 \x03(\x0b\x32!.meshproxy.v1.Runtime.LabelsEntry\x12\x39\n\x11outlier_detection\x18\t \x01(\x0b\x32\x1e.meshproxy.v1.OutlierDetection\x12/\n\x0chealth_check\x18\n \x01(\x0b\x32\x19.meshproxy.v1.HealthCheck\x12\x37\n\x10\x63ircuit_breakers\x18\x0b \x01(\x0b\x32\x1d.meshproxy.v1.CircuitBreakers\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x07\x44ialect\x12\x0b\n\x07GENERIC\x10\x00\x12\n\n\x06TRITON\x10\x01\x12\x0c\n\x08MLSERVER\x10\x02\x12\n\n\x06KSERVE\x10\x03\x12\x0e\n\nTORCHSERVE\x10\x04\"\xb5\x02\n\x10OutlierDetection\x12\x35\n\x0f\x63onsecutive_5xx\x18\x01 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x41\n\x1b\x63onsecutive_gateway_failure\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x35\n\x12\x62\x61se_ejection_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11max_ejection_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x14max_ejection_percent\x18\x05 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\"\xf0\x01\n\x0bHealthCheck\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x13unhealthy_threshold\x18\x03 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x37\n\x11healthy_threshold\x18\x04 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x14\n\x0c\x63heck_models\x18\x05 \x01(\x08\"\xb8\x01\n\x0f\x43ircuitBreakers\x12\x35\n\x0fmax_connections\x18\x01 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12:\n\x14max_pending_requests\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x32\n\x0cmax_requests\x18\x03 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\"@\n\x0eWeightedTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\"}\n\rHeaderMatcher\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x05\x65xact\x18\x02 \x01(\tH\x00\x12\x10\n\x06prefix\x18\x03 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x04 \x01(\tH\x00\x12\x11\n\x07present\x18\x05 \x01(\x08H\x00\x12\x0e\n\x06invert\x18\x06 \x01(\x08\x42\x07\n\x05match\"j\n\x0bHeaderRoute\x12,\n\x07headers\x18\x01 \x03(\x0b\x32\x1b.meshproxy.v1.HeaderMatcher\x12-\n\x07targets\x18\x02 \x03(\x0b\x32\x1c.meshproxy.v1.WeightedTarget\"\x8e\x01\n\x06Mirror\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x08\x66raction\x18\x03 \x01(\x0b\x32\x1c.google.protobuf.DoubleValue\x12\x34\n\x0emax_concurrent\x18\x04 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\"7\n\tRateLimit\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x01\x12\r\n\x05\x62urst\x18\x02 \x01(\r\"\x9c\x03\n\nModelRoute\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x07targets\x18\x02 \x03(\x0b\x32\x1c.meshproxy.v1.WeightedTarget\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x62\x61lancer\x18\x04 \x01(\t\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.meshproxy.v1.RetryPolicy\x12*\n\x07matches\x18\x06 \x03(\x0b\x32\x19.meshproxy.v1.HeaderRoute\x12\x19\n\x11split_hash_header\x18\x07 \x01(\t\x12$\n\x06mirror\x18\x08 \x01(\x0b\x32\x14.meshproxy.v1.Mirror\x12+\n\nrate_limit\x18\t \x01(\x0b\x32\x17.meshproxy.v1.RateLimit\x12\x13\n\x0bhash_header\x18\n \x01(\t\x12\x32\n\x0c\x63hoice_count\x18\x0b \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\"\xb6\x04\n\x0bRetryPolicy\x12\x10\n\x08retry_on\x18\x01 \x01(\t\x12\x31\n\x0bnum_retries\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x32\n\x0fper_try_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16retriable_status_codes\x18\x04 \x03(\r\x12\x32\n\x07\x62\x61\x63koff\x18\x05 \x01(\x0b\x32!.meshproxy.v1.RetryPolicy.Backoff\x12\x30\n\x06\x62udget\x18\x06 \x01(\x0b\x32 .meshproxy.v1.RetryPolicy.Budget\x12=\n\x17max_buffered_body_bytes\x18\x07 \x01(\x0b\x32\x1c.google.protobuf.UInt64Value\x1al\n\x07\x42\x61\x63koff\x12\x30\n\rbase_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a{\n\x06\x42udget\x12\x34\n\x0e\x62udget_percent\x18\x01 \x01(\x0b\x32\x1c.google.protobuf.DoubleValue\x12;\n\x15min_retry_concurrency\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Valueb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADEDMODEL_STATE']._serialized_start=205
   _globals['_LOADEDMODEL_STATE']._serialized_end=268
   _globals['_RUNTIME']._serialized_start=271
-  _globals['_RUNTIME']._serialized_end=669
-  _globals['_RUNTIME_LABELSENTRY']._serialized_start=546
-  _globals['_RUNTIME_LABELSENTRY']._serialized_end=591
-  _globals['_RUNTIME_DIALECT']._serialized_start=593
-  _globals['_RUNTIME_DIALECT']._serialized_end=669
-  _globals['_WEIGHTEDTARGET']._serialized_start=671
-  _globals['_WEIGHTEDTARGET']._serialized_end=735
-  _globals['_MODELROUTE']._serialized_start=738
-  _globals['_MODELROUTE']._serialized_end=923
-  _globals['_RETRYPOLICY']._serialized_start=926
-  _globals['_RETRYPOLICY']._serialized_end=1492
-  _globals['_RETRYPOLICY_BACKOFF']._serialized_start=1259
-  _globals['_RETRYPOLICY_BACKOFF']._serialized_end=1367
-  _globals['_RETRYPOLICY_BUDGET']._serialized_start=1369
-  _globals['_RETRYPOLICY_BUDGET']._serialized_end=1492
+  _globals['_RUNTIME']._serialized_end=834
+  _globals['_RUNTIME_LABELSENTRY']._serialized_start=711
+  _globals['_RUNTIME_LABELSENTRY']._serialized_end=756
+  _globals['_RUNTIME_DIALECT']._serialized_start=758
+  _globals['_RUNTIME_DIALECT']._serialized_end=834
+  _globals['_OUTLIERDETECTION']._serialized_start=837
+  _globals['_OUTLIERDETECTION']._serialized_end=1146
+  _globals['_HEALTHCHECK']._serialized_start=1149
+  _globals['_HEALTHCHECK']._serialized_end=1389
+  _globals['_CIRCUITBREAKERS']._serialized_start=1392
+  _globals['_CIRCUITBREAKERS']._serialized_end=1576
+  _globals['_WEIGHTEDTARGET']._serialized_start=1578
+  _globals['_WEIGHTEDTARGET']._serialized_end=1642
+  _globals['_HEADERMATCHER']._serialized_start=1644
+  _globals['_HEADERMATCHER']._serialized_end=1769
+  _globals['_HEADERROUTE']._serialized_start=1771
+  _globals['_HEADERROUTE']._serialized_end=1877
+  _globals['_MIRROR']._serialized_start=1880
+  _globals['_MIRROR']._serialized_end=2022
+  _globals['_RATELIMIT']._serialized_start=2024
+  _globals['_RATELIMIT']._serialized_end=2079
+  _globals['_MODELROUTE']._serialized_start=2082
+  _globals['_MODELROUTE']._serialized_end=2494
+  _globals['_RETRYPOLICY']._serialized_start=2497
+  _globals['_RETRYPOLICY']._serialized_end=3063
+  _globals['_RETRYPOLICY_BACKOFF']._serialized_start=2830
+  _globals['_RETRYPOLICY_BACKOFF']._serialized_end=2938
+  _globals['_RETRYPOLICY_BUDGET']._serialized_start=2940
+  _globals['_RETRYPOLICY_BUDGET']._serialized_end=3063
 # @@protoc_insertion_point(module_scope)
