@@ -4,6 +4,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import wrappers_pb2 as _wrappers_pb2
 from meshproxy._proto.meshproxy.v1 import resources_pb2 as _resources_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -63,18 +64,50 @@ class StaticResources(_message.Message):
     routes: _containers.RepeatedCompositeFieldContainer[_resources_pb2.ModelRoute]
     def __init__(self, runtimes: _Optional[_Iterable[_Union[_resources_pb2.Runtime, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[_resources_pb2.ModelRoute, _Mapping]]] = ...) -> None: ...
 
+class DynamicResources(_message.Message):
+    __slots__ = ("ads_addresses", "protocol", "initial_backoff", "max_backoff", "snapshot_path", "sidecar")
+    class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DELTA: _ClassVar[DynamicResources.Protocol]
+        STATE_OF_THE_WORLD: _ClassVar[DynamicResources.Protocol]
+    DELTA: DynamicResources.Protocol
+    STATE_OF_THE_WORLD: DynamicResources.Protocol
+    ADS_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_PATH_FIELD_NUMBER: _ClassVar[int]
+    SIDECAR_FIELD_NUMBER: _ClassVar[int]
+    ads_addresses: _containers.RepeatedScalarFieldContainer[str]
+    protocol: DynamicResources.Protocol
+    initial_backoff: _duration_pb2.Duration
+    max_backoff: _duration_pb2.Duration
+    snapshot_path: str
+    sidecar: Sidecar
+    def __init__(self, ads_addresses: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[DynamicResources.Protocol, str]] = ..., initial_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_path: _Optional[str] = ..., sidecar: _Optional[_Union[Sidecar, _Mapping]] = ...) -> None: ...
+
+class Sidecar(_message.Message):
+    __slots__ = ("runtime", "poll_interval")
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    POLL_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    runtime: _resources_pb2.Runtime
+    poll_interval: _duration_pb2.Duration
+    def __init__(self, runtime: _Optional[_Union[_resources_pb2.Runtime, _Mapping]] = ..., poll_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
 class Bootstrap(_message.Message):
-    __slots__ = ("node", "listeners", "admin", "http", "static_resources", "drain_timeout")
+    __slots__ = ("node", "listeners", "admin", "http", "static_resources", "dynamic_resources", "drain_timeout")
     NODE_FIELD_NUMBER: _ClassVar[int]
     LISTENERS_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
     HTTP_FIELD_NUMBER: _ClassVar[int]
     STATIC_RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_RESOURCES_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     node: Node
     listeners: Listeners
     admin: Admin
     http: HttpOptions
     static_resources: StaticResources
+    dynamic_resources: DynamicResources
     drain_timeout: _duration_pb2.Duration
-    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Union[Listeners, _Mapping]] = ..., admin: _Optional[_Union[Admin, _Mapping]] = ..., http: _Optional[_Union[HttpOptions, _Mapping]] = ..., static_resources: _Optional[_Union[StaticResources, _Mapping]] = ..., drain_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Union[Listeners, _Mapping]] = ..., admin: _Optional[_Union[Admin, _Mapping]] = ..., http: _Optional[_Union[HttpOptions, _Mapping]] = ..., static_resources: _Optional[_Union[StaticResources, _Mapping]] = ..., dynamic_resources: _Optional[_Union[DynamicResources, _Mapping]] = ..., drain_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
