@@ -12,6 +12,7 @@ from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, resources_pb2
 from meshproxy.cluster.balancer import BALANCERS
 from meshproxy.errors import BadRequest
 from meshproxy.model_name import validate as validate_model_name
+from meshproxy.routing.split import HeaderCondition
 from meshproxy.upstream.retry import from_proto as retry_from_proto
 
 EXIT_CONFIG = 64  # EX_USAGE, as linkerd2-proxy exits on bad config
@@ -180,6 +181,22 @@ def _validate_routes(routes, prefix: str) -> None:
                 raise ConfigError(f"{where}.targets[{j}].weight: must be at least 1 in a split")
         if route.HasField("timeout") and route.timeout.ToNanoseconds() <= 0:
             raise ConfigError(f"{where}.timeout: must be positive")
+        for k, rule in enumerate(route.matches):
+            for h, matcher in enumerate(rule.headers):
+                try:
+                    HeaderCondition(matcher, f"{where}.matches[{k}].headers[{h}]")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+            for j, t in enumerate(rule.targets):
+                _model(t.model, f"{where}.matches[{k}].targets[{j}].model")
+        if route.HasField("mirror"):
+            _model(route.mirror.model, f"{where}.mirror.model")
+            if not 0 <= route.mirror.fraction.value <= 1:
+                raise ConfigError(f"{where}.mirror.fraction: must be between 0 and 1")
+        if route.rate_limit.requests_per_second < 0:
+            raise ConfigError(f"{where}.rate_limit.requests_per_second: must not be negative")
+        if route.balancer in ("ring_hash", "maglev") and not route.hash_header:
+            raise ConfigError(f"{where}.hash_header: required by balancer {route.balancer}")
         if route.HasField("retry_policy"):
             try:
                 retry_from_proto(route.retry_policy, f"{where}.retry_policy")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 _REASONS = {
     400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large", 426: b"Upgrade Required",
@@ -47,6 +48,20 @@ class NoHealthyUpstream(ProxyError):
     status, grpc_code = 503, "UNAVAILABLE"
 
 
+class Overloaded(ProxyError):
+    """A circuit breaker is open: answered at once instead of queueing."""
+
+    status, grpc_code = 503, "UNAVAILABLE"
+
+
+class RateLimited(ProxyError):
+    status, grpc_code = 429, "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, model: str = "", retry_after: float = 1.0):
+        super().__init__(message, model)
+        self.retry_after = retry_after
+
+
 class UpstreamFailure(ProxyError):
     """Connect failure, reset or a response that is not HTTP."""
 
@@ -69,6 +84,8 @@ def render_http(err: ProxyError, keep_alive: bool, extra_headers: bytes = b"") -
     """The whole HTTP/1.1 response for `err`: v2 JSON body `{"error": ...}`."""
     body = json.dumps({"error": err.message}).encode()
     keep = keep_alive and not err.close
+    if isinstance(err, RateLimited):
+        extra_headers += b"retry-after: %d\r\n" % max(1, math.ceil(err.retry_after))
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (err.status, _REASONS.get(err.status, b"Error")),
         b"content-type: application/json\r\n",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 from typing import Callable, Protocol, Sequence
 
@@ -12,14 +13,18 @@ Random = Callable[[], float]  # random.random, or a fake in tests
 
 
 class LoadBalancer(Protocol):
-    def pick(self, rnd: Random, exclude: Endpoint | None = None) -> Endpoint | None:
-        """A healthy endpoint other than `exclude`, or None when there is none."""
+    def pick(self, rnd: Random, exclude: Endpoint | None = None,
+             key: float | None = None) -> Endpoint | None:
+        """A healthy endpoint other than `exclude`, or None when there is none.
+
+        `key` in [0, 1) is a request's hash (ring_hash, maglev); others ignore it.
+        """
 
 
 class _Weighted:
     """Draws endpoints at random in proportion to their weights."""
 
-    def __init__(self, endpoints: Sequence[Endpoint]):
+    def __init__(self, endpoints: Sequence[Endpoint], **_options):
         self.endpoints = tuple(endpoints)
         weights = [e.weight for e in self.endpoints]
         self._equal = len(set(weights)) <= 1
@@ -47,11 +52,12 @@ class LeastRequest(_Weighted):
     concurrent requests. When the draws find nothing usable, a scan picks the least loaded.
     """
 
-    def __init__(self, endpoints: Sequence[Endpoint], choice_count: int = 2):
+    def __init__(self, endpoints: Sequence[Endpoint], choice_count: int = 2, **_options):
         super().__init__(endpoints)
-        self.choice_count = choice_count
+        self.choice_count = max(1, choice_count)
 
-    def pick(self, rnd: Random, exclude: Endpoint | None = None) -> Endpoint | None:
+    def pick(self, rnd: Random, exclude: Endpoint | None = None,
+             key: float | None = None) -> Endpoint | None:
         eps = self.endpoints
         if len(eps) == 1:
             e = eps[0]
@@ -66,7 +72,8 @@ class LeastRequest(_Weighted):
 
 
 class RandomBalancer(_Weighted):
-    def pick(self, rnd: Random, exclude: Endpoint | None = None) -> Endpoint | None:
+    def pick(self, rnd: Random, exclude: Endpoint | None = None,
+             key: float | None = None) -> Endpoint | None:
         if self.endpoints:
             e = self._draw(rnd)
             if e.healthy and e is not exclude:
@@ -77,11 +84,12 @@ class RandomBalancer(_Weighted):
 class RoundRobin:
     """Smooth weighted round robin (each pick raises every current weight by its weight)."""
 
-    def __init__(self, endpoints: Sequence[Endpoint]):
+    def __init__(self, endpoints: Sequence[Endpoint], **_options):
         self.endpoints = tuple(endpoints)
         self._current = [0] * len(self.endpoints)
 
-    def pick(self, rnd: Random, exclude: Endpoint | None = None) -> Endpoint | None:
+    def pick(self, rnd: Random, exclude: Endpoint | None = None,
+             key: float | None = None) -> Endpoint | None:
         best_i = -1
         total = 0
         for i, e in enumerate(self.endpoints):
@@ -97,9 +105,90 @@ class RoundRobin:
         return self.endpoints[best_i]
 
 
-BALANCERS: dict[str, Callable[[Sequence[Endpoint]], LoadBalancer]] = {
+def _point(label: str) -> int:
+    return int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "big")
+
+
+class RingHash:
+    """Consistent hashing on a ring: each endpoint owns weight x 64 points; a request's key
+    lands on the next point. Removing an endpoint moves only the keys it owned."""
+
+    POINTS_PER_WEIGHT = 64
+
+    def __init__(self, endpoints: Sequence[Endpoint], **_options):
+        self.endpoints = tuple(endpoints)
+        ring = sorted((_point(f"{e.name}#{i}"), e) for e in self.endpoints
+                      for i in range(e.weight * self.POINTS_PER_WEIGHT))
+        self._hashes = [h for h, _ in ring]
+        self._owners = [e for _, e in ring]
+
+    def pick(self, rnd: Random, exclude: Endpoint | None = None,
+             key: float | None = None) -> Endpoint | None:
+        if not self._owners:
+            return None
+        start = bisect.bisect_left(self._hashes, int((rnd() if key is None else key) * 2 ** 64))
+        n = len(self._owners)
+        for i in range(n):
+            e = self._owners[(start + i) % n]
+            if e.healthy and e is not exclude:
+                return e
+        return None
+
+
+class Maglev:
+    """Maglev lookup table (65537 slots filled by each endpoint's permutation, by weight):
+    even spread and minimal disruption, one index per pick."""
+
+    TABLE_SIZE = 65537  # prime
+
+    def __init__(self, endpoints: Sequence[Endpoint], **_options):
+        self.endpoints = tuple(endpoints)
+        self._table: list[Endpoint] = self._build() if self.endpoints else []
+
+    def _build(self) -> list[Endpoint]:
+        m = self.TABLE_SIZE
+        perms = [(_point(e.name + "/offset") % m, _point(e.name + "/skip") % (m - 1) + 1)
+                 for e in self.endpoints]
+        nxt = [0] * len(self.endpoints)
+        table: list[Endpoint | None] = [None] * m
+        filled = 0
+        max_w = max(e.weight for e in self.endpoints)
+        credit = [0.0] * len(self.endpoints)
+        while filled < m:
+            for i, e in enumerate(self.endpoints):
+                credit[i] += e.weight / max_w
+                if credit[i] < 1:
+                    continue
+                credit[i] -= 1
+                offset, skip = perms[i]
+                while True:
+                    slot = (offset + nxt[i] * skip) % m
+                    nxt[i] += 1
+                    if table[slot] is None:
+                        table[slot] = e
+                        filled += 1
+                        break
+                if filled == m:
+                    break
+        return table  # type: ignore[return-value]
+
+    def pick(self, rnd: Random, exclude: Endpoint | None = None,
+             key: float | None = None) -> Endpoint | None:
+        if not self._table:
+            return None
+        slot = int((rnd() if key is None else key) * self.TABLE_SIZE)
+        e = self._table[slot]
+        if e.healthy and e is not exclude:
+            return e
+        usable = [x for x in self.endpoints if x.healthy and x is not exclude]
+        return usable[slot % len(usable)] if usable else None
+
+
+BALANCERS: dict[str, Callable[..., LoadBalancer]] = {
     "least_request": LeastRequest,
     "round_robin": RoundRobin,
     "random": RandomBalancer,
+    "ring_hash": RingHash,
+    "maglev": Maglev,
 }
 DEFAULT_BALANCER = "least_request"

@@ -9,19 +9,19 @@ snapshots (EndpointRegistry) so in-flight counters and keep-alive pools survive.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 from typing import Callable, Iterable
 
 from meshproxy._proto.meshproxy.v1 import resources_pb2
 from meshproxy.cluster.balancer import BALANCERS, DEFAULT_BALANCER, LoadBalancer, Random
-from meshproxy.cluster.endpoints import Endpoint
+from meshproxy.cluster.endpoints import Endpoint, Limits
+from meshproxy.cluster.outlier import settings_from_proto
 from meshproxy.config import parse_address
-from meshproxy.errors import NoHealthyUpstream, UnknownModel
-from meshproxy.upstream.retry import RetryPolicy, from_proto as retry_from_proto
+from meshproxy.errors import NoHealthyUpstream, RateLimited, UnknownModel
+from meshproxy.routing.ratelimit import TokenBucket
+from meshproxy.routing.split import Header, HeaderCondition, HeaderRule, Split, first_match
+from meshproxy.upstream.retry import RetryBudget, RetryPolicy, from_proto as retry_from_proto
 
 DEFAULT_RETRY = RetryPolicy()
-
 READY = resources_pb2.LoadedModel.READY
 
 
@@ -29,10 +29,11 @@ class Target:
     """Where one route sends a share of its traffic: a model (and version) and its cluster."""
 
     __slots__ = ("model", "version", "weight", "balancer", "timeout", "rewrite", "model_bytes",
-                 "retry")
+                 "retry", "budget", "route")
 
     def __init__(self, model: str, version: str | None, weight: int, balancer: LoadBalancer | None,
-                 timeout: float, rewrite: bool, retry: RetryPolicy = DEFAULT_RETRY):
+                 timeout: float, rewrite: bool, retry: RetryPolicy = DEFAULT_RETRY,
+                 budget: RetryBudget | None = None):
         self.model = model
         self.model_bytes = model.encode()
         self.version = version
@@ -41,20 +42,43 @@ class Target:
         self.timeout = timeout
         self.rewrite = rewrite    # the upstream must be asked for `model`, not the client's name
         self.retry = retry
+        self.budget = budget or RetryBudget()  # shared by every target of the same model
+        self.route: Route | None = None
+
+
+class Mirror:
+    """A shadow target: a share of requests is copied there and the answer thrown away."""
+
+    __slots__ = ("target", "fraction", "max_concurrent", "inflight")
+
+    def __init__(self, target: Target, fraction: float, max_concurrent: int):
+        self.target = target
+        self.fraction = fraction
+        self.max_concurrent = max_concurrent
+        self.inflight = 0
 
 
 class Route:
-    __slots__ = ("model", "targets", "_cumulative")
+    """Policy for one client-facing model: header rules, a default split, mirror, rate limit."""
 
-    def __init__(self, model: str, targets: list[Target]):
+    __slots__ = ("model", "rules", "split", "mirror", "limiter", "hash_header")
+
+    def __init__(self, model: str, split: Split, rules: list[HeaderRule] = (),
+                 mirror: Mirror | None = None, limiter: TokenBucket | None = None,
+                 hash_header: str = ""):
         self.model = model
-        self.targets = tuple(targets)
-        self._cumulative = list(itertools.accumulate(t.weight for t in targets))
+        self.split = split
+        self.rules = tuple(rules)
+        self.mirror = mirror
+        self.limiter = limiter
+        self.hash_header = hash_header
+        for s in (split, *(r.split for r in self.rules)):
+            for t in s.targets:
+                t.route = self
 
-    def pick(self, rnd: Random) -> Target:
-        if len(self.targets) == 1:
-            return self.targets[0]
-        return self.targets[bisect.bisect_right(self._cumulative, rnd() * self._cumulative[-1])]
+    def select(self, rnd: Random, header: Header | None) -> Target:
+        split = first_match(self.rules, self.split, header) if self.rules else self.split
+        return split.pick(rnd, header)
 
 
 class EndpointRegistry:
@@ -66,13 +90,15 @@ class EndpointRegistry:
 
     def get(self, rt: resources_pb2.Runtime) -> Endpoint:
         addr = parse_address(rt.http_address, f"runtime {rt.name}")
-        weight = rt.weight.value if rt.HasField("weight") else 1
         e = self.endpoints.get(rt.name)
         if e is None or (e.host, e.port) != (addr.host, addr.port):
-            e = Endpoint(rt.name, addr.host, addr.port, weight)
+            e = Endpoint(rt.name, addr.host, addr.port)
             self._attach(e)
             self.endpoints[rt.name] = e
-        e.weight = weight
+        e.weight = rt.weight.value if rt.HasField("weight") else 1
+        e.outlier = settings_from_proto(
+            rt.outlier_detection if rt.HasField("outlier_detection") else None)
+        e.limits = Limits.from_proto(rt.circuit_breakers if rt.HasField("circuit_breakers") else None)
         return e
 
     def retain(self, names: set[str]) -> list[Endpoint]:
@@ -88,27 +114,35 @@ class Snapshot:
 
     def __init__(self, version: str, runtimes, routes, endpoints: dict[str, Endpoint],
                  table: dict[str, Route], known: frozenset[str],
-                 versioned: dict[tuple[str, str], LoadBalancer]):
+                 versioned: dict[tuple[str, str], LoadBalancer],
+                 clusters: dict[str, tuple[Endpoint, ...]]):
         self.version = version
         self.runtimes = tuple(runtimes)
         self.routes = tuple(routes)
         self.endpoints = endpoints
+        self.clusters = clusters  # model -> endpoints holding it READY
         self._table = table
         self._known = known
         self._versioned = versioned
 
-    def match(self, model: str, version: str | None, rnd: Random) -> tuple[Target, LoadBalancer]:
-        """The target and balancer for a request; raises UnknownModel or NoHealthyUpstream."""
+    def match(self, model: str, version: str | None, rnd: Random, header: Header | None = None,
+              now: float | None = None) -> tuple[Target, LoadBalancer]:
+        """The target and balancer for a request; raises UnknownModel, RateLimited or
+        NoHealthyUpstream. `header` looks up request headers (for header rules and sticky
+        splits); `now` enables the route's rate limit."""
         route = self._table.get(model)
         if route is None:
             raise UnknownModel(f"model {model!r} is not known to this proxy", model)
-        target = route.pick(rnd)
+        if route.limiter is not None and now is not None:
+            wait = route.limiter.take(now)
+            if wait:
+                raise RateLimited(f"model {model!r} is over its rate limit", model, wait)
+        target = route.select(rnd, header)
         balancer = target.balancer
         if version is not None and not target.rewrite:
             balancer = self._versioned.get((model, version), balancer)
         if balancer is None:
-            raise NoHealthyUpstream(
-                f"model {target.model!r} has no ready runtime", model)
+            raise NoHealthyUpstream(f"model {target.model!r} has no ready runtime", model)
         return target, balancer
 
     def is_known(self, model: str) -> bool:
@@ -116,14 +150,82 @@ class Snapshot:
 
     def index(self) -> list[dict]:
         """The repository index answered by the proxy: each model and where it is ready."""
-        rows = []
-        for model in sorted(self._known):
-            holders = sorted(
-                rt.name for rt in self.runtimes
-                for m in rt.models if m.name == model and m.state == READY)
-            rows.append({"name": model, "state": "READY" if holders else "UNAVAILABLE",
-                         "runtimes": holders})
-        return rows
+        return [{"name": model,
+                 "state": "READY" if self.clusters.get(model) else "UNAVAILABLE",
+                 "runtimes": sorted(e.name for e in self.clusters.get(model, ()))}
+                for model in sorted(self._known)]
+
+
+class _Builder:
+    """Joins runtimes and routes into the pieces of a Snapshot."""
+
+    def __init__(self, runtimes, registry: EndpointRegistry, default_timeout: float):
+        self.holders: dict[str, list[Endpoint]] = {}
+        self.by_version: dict[tuple[str, str], list[Endpoint]] = {}
+        self.known: set[str] = set()
+        self.default_timeout = default_timeout
+        self._balancers: dict[tuple, LoadBalancer | None] = {}
+        for rt in runtimes:
+            endpoint = registry.get(rt)
+            for m in rt.models:
+                self.known.add(m.name)
+                if m.state == READY:
+                    _add(self.holders.setdefault(m.name, []), endpoint)
+                    _add(self.by_version.setdefault((m.name, m.version), []), endpoint)
+
+    def balancer(self, model: str, name: str, choice_count: int) -> LoadBalancer | None:
+        key = (model, name, choice_count)
+        if key not in self._balancers:
+            eps = self.holders.get(model)
+            self._balancers[key] = BALANCERS[name](eps, choice_count=choice_count) if eps else None
+        return self._balancers[key]
+
+    def route(self, r: resources_pb2.ModelRoute) -> Route:
+        timeout = r.timeout.ToNanoseconds() / 1e9 if r.HasField("timeout") else self.default_timeout
+        policy = retry_from_proto(r.retry_policy) if r.HasField("retry_policy") else DEFAULT_RETRY
+        name = r.balancer or DEFAULT_BALANCER
+        choices = r.choice_count.value if r.HasField("choice_count") else 2
+        budget = RetryBudget()
+
+        def targets(specs) -> list[Target]:
+            specs = specs or [resources_pb2.WeightedTarget(model=r.model, weight=1)]
+            return [Target(t.model, t.version or None, max(t.weight, 1),
+                           self.balancer(t.model, name, choices), timeout,
+                           t.model != r.model or bool(t.version), policy, budget)
+                    for t in specs]
+
+        rules = [HeaderRule([HeaderCondition(h, f"route {r.model} header") for h in rule.headers],
+                            Split(targets(rule.targets), r.split_hash_header))
+                 for rule in r.matches]
+        mirror = None
+        if r.HasField("mirror"):
+            m = r.mirror
+            shadow = Target(m.model, m.version or None, 1, self.balancer(m.model, name, choices),
+                            timeout, m.model != r.model or bool(m.version), RetryPolicy(num_retries=0))
+            mirror = Mirror(shadow, m.fraction.value if m.HasField("fraction") else 1.0,
+                            m.max_concurrent.value if m.HasField("max_concurrent") else 64)
+        limiter = None
+        if r.HasField("rate_limit") and r.rate_limit.requests_per_second > 0:
+            rl = r.rate_limit
+            limiter = TokenBucket(rl.requests_per_second,
+                                  rl.burst or max(1, int(rl.requests_per_second)))
+        return Route(r.model, Split(targets(r.targets), r.split_hash_header), rules, mirror,
+                     limiter, r.hash_header.lower())
+
+    def plain(self, model: str) -> Route:
+        return Route(model, Split([Target(model, None, 1, self.balancer(model, DEFAULT_BALANCER, 2),
+                                          self.default_timeout, False)]))
+
+    def versioned(self, balancer_names: dict[str, str]) -> dict[tuple[str, str], LoadBalancer]:
+        out = {}
+        for (model, v), eps in self.by_version.items():
+            if not v:
+                continue
+            # Runtimes that list the model without a version may serve any version.
+            anyv = self.by_version.get((model, ""), [])
+            out[(model, v)] = BALANCERS[balancer_names.get(model, DEFAULT_BALANCER)](
+                eps + [e for e in anyv if e not in eps])
+        return out
 
 
 def build(version: str, runtimes: Iterable[resources_pb2.Runtime],
@@ -131,54 +233,19 @@ def build(version: str, runtimes: Iterable[resources_pb2.Runtime],
           default_timeout: float) -> tuple[Snapshot, list[Endpoint]]:
     """A new Snapshot, and the endpoints that left (their pools should be closed)."""
     runtimes, routes = list(runtimes), list(routes)
-    holders: dict[str, list[Endpoint]] = {}
-    by_version: dict[tuple[str, str], list[Endpoint]] = {}
-    known: set[str] = set()
-    for rt in runtimes:
-        endpoint = registry.get(rt)
-        for m in rt.models:
-            known.add(m.name)
-            if m.state == READY:
-                _add(holders.setdefault(m.name, []), endpoint)
-                if m.version:
-                    _add(by_version.setdefault((m.name, m.version), []), endpoint)
+    b = _Builder(runtimes, registry, default_timeout)
     gone = registry.retain({rt.name for rt in runtimes})
-    balancer_names = {r.model: r.balancer or DEFAULT_BALANCER for r in routes}
-
-    def balancer_for(model: str, name: str) -> LoadBalancer | None:
-        eps = holders.get(model)
-        return BALANCERS[name](eps) if eps else None
-
-    table: dict[str, Route] = {}
-    for r in routes:
-        timeout = r.timeout.ToNanoseconds() / 1e9 if r.HasField("timeout") else default_timeout
-        specs = r.targets or [resources_pb2.WeightedTarget(model=r.model, weight=1)]
-        policy = retry_from_proto(r.retry_policy) if r.HasField("retry_policy") else DEFAULT_RETRY
-        table[r.model] = Route(r.model, [
-            Target(t.model, t.version or None, max(t.weight, 1),
-                   balancer_for(t.model, balancer_names[r.model]), timeout,
-                   t.model != r.model or bool(t.version), policy)
-            for t in specs])
-    for model in holders:
+    table = {r.model: b.route(r) for r in routes}
+    for model in b.holders.keys() | b.known:
         if model not in table:
-            table[model] = Route(model, [Target(model, None, 1, balancer_for(model, DEFAULT_BALANCER),
-                                                default_timeout, False)])
-    for model in known - table.keys():
-        table[model] = Route(model, [Target(model, None, 1, None, default_timeout, False)])
-    versioned = {}
-    for (model, v), eps in by_version.items():
-        # Runtimes that list the model without a version may serve any version.
-        unversioned = [e for e in holders[model] if e not in eps and not _lists_version(runtimes, e.name, model)]
-        versioned[(model, v)] = BALANCERS[balancer_names.get(model, DEFAULT_BALANCER)](eps + unversioned)
+            table[model] = b.plain(model)
+    versioned = b.versioned({r.model: r.balancer or DEFAULT_BALANCER for r in routes})
     snap = Snapshot(version, runtimes, routes, dict(registry.endpoints), table,
-                    frozenset(known | table.keys()), versioned)
+                    frozenset(b.known | table.keys()), versioned,
+                    {m: tuple(eps) for m, eps in b.holders.items()})
     return snap, gone
 
 
 def _add(eps: list[Endpoint], e: Endpoint) -> None:
     if e not in eps:
         eps.append(e)
-
-
-def _lists_version(runtimes, name: str, model: str) -> bool:
-    return any(m.name == model and m.version for rt in runtimes if rt.name == name for m in rt.models)
