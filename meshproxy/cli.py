@@ -61,7 +61,7 @@ def _proxy(path: str) -> int:
     from meshproxy.app import ProxyApp
 
     async def serve() -> None:
-        app = ProxyApp(config)
+        app = ProxyApp(config, config_path=path)
         try:
             await app.start()
         except OSError as e:

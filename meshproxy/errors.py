@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import grpc
+
 _REASONS = {
     400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large", 426: b"Upgrade Required",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
@@ -19,11 +21,15 @@ class ProxyError(Exception):
     grpc_code = "INTERNAL"
     # Whether the client connection must be closed after the answer (framing is in doubt).
     close = False
+    # For upstream failures: the retry_on condition it meets (connect-failure, reset).
+    kind = ""
 
-    def __init__(self, message: str, model: str = ""):
+    def __init__(self, message: str, model: str = "", kind: str = ""):
         super().__init__(message)
         self.message = message
         self.model = model
+        if kind:
+            self.kind = kind
 
 
 class BadRequest(ProxyError):
@@ -65,7 +71,7 @@ class RateLimited(ProxyError):
 class UpstreamFailure(ProxyError):
     """Connect failure, reset or a response that is not HTTP."""
 
-    status, grpc_code = 502, "UNAVAILABLE"
+    status, grpc_code, kind = 502, "UNAVAILABLE", "reset"
 
 
 class UpstreamTimeout(ProxyError):
@@ -78,6 +84,20 @@ class BodyTooLarge(ProxyError):
 
 class HeadersTooLarge(ProxyError):
     status, grpc_code, close = 431, "RESOURCE_EXHAUSTED", True
+
+
+class Unimplemented(ProxyError):
+    """A method of the served API that the proxy does not carry (gRPC)."""
+
+    status, grpc_code = 501, "UNIMPLEMENTED"
+
+
+def render_grpc(err: ProxyError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The gRPC status, message and trailing metadata for `err`."""
+    trailers = ()
+    if isinstance(err, RateLimited):
+        trailers = (("retry-after", str(max(1, math.ceil(err.retry_after)))),)
+    return grpc.StatusCode[err.grpc_code], err.message, trailers
 
 
 def render_http(err: ProxyError, keep_alive: bool, extra_headers: bytes = b"") -> bytes:

@@ -1,15 +1,15 @@
 """REST listener: one asyncio Protocol per client connection, llhttp parsing, callbacks only.
 
 How it works: llhttp (httptools) calls back as bytes arrive; each request is an
-Exchange queued on its connection, so pipelined requests are answered in order.
-When a head is complete and its exchange is first in line, the model is read,
-the snapshot matched, an endpoint picked and the request head written to a
-pooled upstream connection, followed by the body as it arrives. Bytes for the
-upstream gathered during one read are written with one call. The upstream's
-response comes back through the Exchange (a ResponseSink) and goes to the client
-as it came, with hop-by-hop headers dropped and x-meshproxy-upstream added.
-No task or future is made per request; timeouts are deadlines that one ticker
-checks (app.py runs it), so arming one costs an attribute write.
+Exchange (upstream/forwarder.py) queued on its connection, so pipelined
+requests are answered in order. When a head is complete and its exchange is
+first in line, the model is read, the snapshot matched, an endpoint picked and
+the upstream head built; the forwarder sends it and the body as it arrives.
+Bytes for the upstream gathered during one read are written with one call. The
+response comes back through the Exchange and goes to the client as it came,
+with hop-by-hop headers dropped and x-meshproxy-upstream added. No task or
+future is made per request; timeouts are deadlines that one ticker checks
+(app.py runs it), so arming one costs an attribute write.
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from typing import Callable
 import httptools
 
 from meshproxy import model_name
+from meshproxy.cluster.outlier import OutlierDetector
 from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, MalformedRequest,
-                              NoHealthyUpstream, ProxyError, UpgradeRequired, UpstreamTimeout,
-                              render_http)
+                              NoHealthyUpstream, Overloaded, ProxyError, UpgradeRequired,
+                              UpstreamTimeout, render_http)
+from meshproxy.routing.split import unit_hash
+from meshproxy.upstream import mirror
+from meshproxy.upstream.forwarder import Exchange, has_hop_by_hop, strip_hop_by_hop
 
 # Not forwarded: they describe this hop, or the proxy answers them itself (Expect).
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
                         b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"))
-_RESPONSE_HOP_MARKERS = (b"\r\nconnection:", b"\r\nkeep-alive:", b"\r\nproxy-connection:",
-                         b"\r\nupgrade:")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PAUSE_OUTBOX = 1 << 20  # stop reading the client while this much waits for an upstream
 
@@ -51,118 +53,23 @@ class HttpContext:
         self.now = time.monotonic()  # coarse clock, advanced by the ticker
         self.connections: set[HttpConnection] = set()
         self.draining = False
+        self.outlier = OutlierDetector()
 
     def tick(self) -> None:
-        """Advance the clock and expire what is overdue (called every 100 ms)."""
+        """Advance the clock, expire what is overdue, return ejected endpoints (every 100 ms)."""
         self.now = now = time.monotonic()
         for conn in [c for c in self.connections if c.deadline <= now]:
             conn.expire()
+        self.outlier.sweep(now)
+
+    def outlier_failure(self, endpoint, status: int) -> None:
+        if self.outlier.failure(endpoint, status, self.now):
+            self.metrics.record_ejection(endpoint.name)
 
     def drain(self) -> None:
         self.draining = True
         for conn in list(self.connections):
             conn.drain()
-
-
-class Exchange:
-    """One request/response on a client connection; the upstream reports to it."""
-
-    __slots__ = ("conn", "url", "headers", "method", "head_done", "request_done", "keep_alive",
-                 "model", "endpoint", "upstream", "outbox", "outbox_size", "chunked", "started",
-                 "response_done", "status", "t0", "body_bytes", "discard", "close_after",
-                 "routed")
-
-    def __init__(self, conn: "HttpConnection"):
-        self.conn = conn
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.method = b""
-        self.head_done = self.request_done = self.started = self.response_done = False
-        self.chunked = self.discard = self.close_after = self.routed = False
-        self.keep_alive = True
-        self.model = ""
-        self.endpoint = None
-        self.upstream = None
-        self.outbox: list[bytes] = []
-        self.outbox_size = 0
-        self.status = 0
-        self.body_bytes = 0
-        self.t0 = time.perf_counter()
-
-    # -- ResponseSink
-    def upstream_ready(self, conn) -> None:
-        if self.response_done or self.conn.closed:  # answered (timeout) while connecting
-            conn.pool.release(conn)
-            return
-        self.upstream = conn
-        data = b"".join(self.outbox)
-        self.outbox.clear()
-        self.outbox_size = 0
-        conn.start(self, data, self.method == b"HEAD")
-        self.conn.resume_client()
-
-    def response_head(self, head: bytes, status: int, until_close: bool, rest: bytes) -> None:
-        self.status = status
-        self.started = True
-        conn = self.conn
-        if until_close:
-            self.close_after = True
-        if not self.request_done:  # the runtime may not have read the whole body
-            self.upstream.forbid_reuse()
-        close = self.close_after or not self.keep_alive or conn.ctx.draining
-        if any(m in head.lower() for m in _RESPONSE_HOP_MARKERS):
-            head = strip_hop_by_hop(head)
-        if head[5:8] == b"1.0":
-            head = b"HTTP/1.1" + head[8:]
-        parts = [head[:-2]]
-        if conn.ctx.settings.upstream_header:
-            parts.append(self.endpoint.served_header)
-        if close:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if rest:
-            parts.append(rest)
-        conn.transport.writelines(parts)
-
-    def response_body(self, data: bytes) -> None:
-        self.conn.transport.write(data)
-
-    def response_complete(self, reusable: bool) -> None:
-        self.upstream = None
-        self.response_done = True
-        self.endpoint.active -= 1
-        if self.request_done:
-            self.conn.finish(self)
-        else:  # the runtime answered before reading the whole body: read and drop the rest
-            self.discard = True
-            self.close_after = True
-
-    def upstream_failed(self, err: ProxyError, response_started: bool) -> None:
-        self.upstream = None
-        if self.response_done:  # already answered here (a timeout): nothing is waiting
-            return
-        if response_started or self.started:
-            self.endpoint.active -= 1
-            self.response_done = True
-            self.conn.abort()  # half a response cannot be mended
-        else:
-            err.model = self.model
-            err.message = f"model {self.model!r}: {err.message}"
-            self.conn.reply_error(self, err)
-
-    def upstream_paused(self, paused: bool) -> None:
-        if paused:
-            self.conn.transport.pause_reading()
-        else:
-            self.conn.resume_client()
-
-    def abort_upstream(self) -> None:
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
-        if self.routed and not self.response_done:
-            self.endpoint.active -= 1
-            self.response_done = True
 
 
 class HttpConnection(asyncio.Protocol):
@@ -194,6 +101,7 @@ class HttpConnection(asyncio.Protocol):
         self.ctx.connections.discard(self)
         for ex in self.queue:
             ex.abort_upstream()
+            ex.finished()
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -285,12 +193,12 @@ class HttpConnection(asyncio.Protocol):
                 f"request body is larger than {self.ctx.settings.max_request_body_bytes} bytes")
         if ex.discard:
             return
-        if ex.chunked:
-            ex.outbox.append(b"%x\r\n" % len(body))
+        if not ex.routed:  # pipelined, not started yet: kept until its turn
             ex.outbox.append(body)
-            ex.outbox.append(b"\r\n")
+        elif ex.chunked:
+            ex.body((b"%x\r\n" % len(body), body, b"\r\n"), len(body))
         else:
-            ex.outbox.append(body)
+            ex.body((body,), len(body))
         if ex.upstream is None:
             ex.outbox_size += len(body)
             if ex.outbox_size > _PAUSE_OUTBOX:
@@ -301,7 +209,12 @@ class HttpConnection(asyncio.Protocol):
         self.cur = None
         ex.request_done = True
         if ex.chunked and not ex.discard:
-            ex.outbox.append(b"0\r\n\r\n")
+            if ex.routed:
+                ex.body((b"0\r\n\r\n",), 0)
+            else:
+                ex.outbox.append(None)  # the end of a pipelined chunked body, framed at its start
+        if ex.mirror is not None:
+            mirror.send(ex, self.ctx)
         if ex.response_done and ex is self.queue[0]:
             self.finish(ex)
 
@@ -316,16 +229,61 @@ class HttpConnection(asyncio.Protocol):
 
     def route(self, ex: Exchange) -> None:
         ctx = self.ctx
-        settings = ctx.settings
         if self.parser.get_http_version() != "1.1":
             raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
+        model_value, kept, tokens, xff, expect = self.scan_headers(ex)
+        model, version = model_name.resolve(model_value, ex.url)
+        if model is None:
+            self.answer_local(ex)
+            return
+        ex.model = model
+        target, balancer = ctx.snapshot.match(model, version, ctx.rnd, ex.header, ctx.now)
+        route = target.route
+        if route.hash_header:
+            value = ex.header(route.hash_header)
+            ex.key = unit_hash(value) if value is not None else None
+        endpoint = self.pick(ex, balancer, model, target)
+        pending, ex.outbox = ex.outbox, []
+        m = route.mirror
+        if m is not None and m.inflight < m.max_concurrent and ctx.rnd() < m.fraction:
+            ex.mirror = (m, self.upstream_head(ex, m.target, model, kept, tokens, xff))
+        head = self.upstream_head(ex, target, model, kept, tokens, xff)
+        ex.first_try(target, balancer, endpoint, head, ctx.now)
+        for piece in pending:  # a pipelined request's body, read before its turn
+            if piece is None:
+                ex.body((b"0\r\n\r\n",), 0)
+            else:
+                ex.body((b"%x\r\n" % len(piece), piece, b"\r\n") if ex.chunked else (piece,),
+                        len(piece))
+        if ex.mirror is not None and ex.request_done:
+            mirror.send(ex, ctx)
+        if expect and not ex.request_done:
+            self.transport.write(_CONTINUE)
+
+    def pick(self, ex: Exchange, balancer, model: str, target):
+        """An endpoint with room for one more request, or the ProxyError that says why not."""
+        rnd = self.ctx.rnd
+        endpoint = balancer.pick(rnd, None, ex.key)
+        if endpoint is None:
+            raise NoHealthyUpstream(f"model {target.model!r} has no healthy runtime", model)
+        if endpoint.active >= endpoint.limits.max_requests:
+            other = balancer.pick(rnd, endpoint, ex.key)
+            if other is None or other.active >= other.limits.max_requests:
+                self.ctx.metrics.record_overflow(endpoint.name, "requests")
+                raise Overloaded(f"model {model!r}: every runtime holding it is at its "
+                                 f"request limit", model)
+            endpoint = other
+        return endpoint
+
+    def scan_headers(self, ex: Exchange):
+        """One pass over the request headers: the model header, what to forward, framing."""
+        settings = self.ctx.settings
         hosts = 0
-        model_value = None
+        model_value = xff = None
         expect = False
         content_length = -1
         tokens = ()
         kept = []
-        xff = None
         header_names = settings.model_headers
         for name, value in ex.headers:
             lname = name.lower()
@@ -355,18 +313,12 @@ class HttpConnection(asyncio.Protocol):
             raise BodyTooLarge(
                 f"request body of {content_length} bytes is larger than "
                 f"{settings.max_request_body_bytes} bytes")
-        model, version = model_name.resolve(model_value, ex.url)
-        if model is None:
-            self.answer_local(ex)
-            return
-        ex.model = model
-        target, balancer = ctx.snapshot.match(model, version, ctx.rnd)
-        endpoint = balancer.pick(ctx.rnd)
-        if endpoint is None:
-            raise NoHealthyUpstream(f"model {target.model!r} has no healthy runtime", model)
-        url = ex.url
-        if target.rewrite:
-            url = rewrite_path(url, model, target)
+        return model_value, kept, tokens, xff, expect
+
+    def upstream_head(self, ex: Exchange, target, model: str, kept, tokens, xff) -> bytes:
+        """The request head as the runtime gets it: rewritten to the target, hop-by-hop dropped."""
+        header_names = self.ctx.settings.model_headers
+        url = rewrite_path(ex.url, model, target) if target.rewrite else ex.url
         head = [b"%s %s HTTP/1.1\r\n" % (ex.method, url)]
         for lname, name, value in kept:
             if tokens and lname in tokens:
@@ -379,20 +331,25 @@ class HttpConnection(asyncio.Protocol):
         if ex.chunked:
             head.append(b"transfer-encoding: chunked\r\n")
         head.append(b"\r\n")
-        ex.outbox.insert(0, b"".join(head))
-        ex.routed = True
-        ex.endpoint = endpoint
-        endpoint.active += 1
-        endpoint.total += 1
-        self.deadline = ctx.now + target.timeout
-        if expect and not ex.request_done:
-            self.transport.write(_CONTINUE)
-        conn = endpoint.pool.acquire()
-        if conn is not None:
-            ex.upstream = conn
-            conn.start(ex, b"", ex.method == b"HEAD")
-        else:
-            endpoint.pool.connect(ex)
+        return b"".join(head)
+
+    def relay_head(self, ex: Exchange, head: bytes, rest: bytes) -> None:
+        """Send the runtime's response head (and any body bytes after it) to the client."""
+        settings = self.ctx.settings
+        close = ex.close_after or not ex.keep_alive or self.ctx.draining
+        if has_hop_by_hop(head):
+            head = strip_hop_by_hop(head)
+        if head[5:8] == b"1.0":
+            head = b"HTTP/1.1" + head[8:]
+        parts = [head[:-2]]
+        if settings.upstream_header:
+            parts.append(ex.endpoint.served_header)
+        if close:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if rest:
+            parts.append(rest)
+        self.transport.writelines(parts)
 
     def answer_local(self, ex: Exchange) -> None:
         path = ex.url.split(b"?", 1)[0]
@@ -433,11 +390,11 @@ class HttpConnection(asyncio.Protocol):
         """The exchange is over both ways: record it and move on to the next or close."""
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
-        endpoint = ex.endpoint
+        routed = ex.target is not None
         self.ctx.metrics.record_request(
-            ex.model if ex.routed or self.ctx.snapshot.is_known(ex.model) else "", "rest",
-            ex.status, endpoint.name if endpoint is not None and ex.routed else "",
-            time.perf_counter() - ex.t0)
+            ex.model if routed or self.ctx.snapshot.is_known(ex.model) else "", "rest",
+            ex.status, ex.endpoint.name if routed else "", time.perf_counter() - ex.t0)
+        ex.finished()
         if self.closed:
             return
         if force_close or ex.close_after or not ex.keep_alive or self.ctx.draining:
@@ -486,11 +443,21 @@ class HttpConnection(asyncio.Protocol):
                 self.close()
             return
         ex = self.queue[0]
+        now = self.ctx.now
         if not ex.head_done:
             self.protocol_error(RequestTimeout("the request head did not arrive in time"))
-        elif ex.started and not ex.response_done:
-            ex.abort_upstream()
-            self.abort()
+        elif ex.response_done:  # answered; the rest of the body did not come in time
+            self.close()
+        elif ex.started:  # relaying: only the whole-request timeout applies now
+            if now >= ex.deadline:
+                self.abort()
+            else:
+                self.deadline = ex.deadline
+        elif now < ex.deadline:
+            if ex.in_try and now >= ex.try_deadline:
+                ex.try_timed_out(now)
+            else:
+                self.deadline = min(ex.deadline, ex.try_deadline if ex.in_try else ex.deadline)
         else:
             name = ex.endpoint.name if ex.endpoint is not None else "the runtime"
             self.reply_error(ex, UpstreamTimeout(
@@ -509,6 +476,7 @@ class HttpConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.deadline = float("inf")
         for ex in self.queue:
             ex.abort_upstream()
         self.transport.abort()
@@ -525,19 +493,6 @@ def rewrite_path(url: bytes, model: str, target) -> bytes:
         rest = rest[rest.find(b"/"):] if b"/" in rest else b""
     version = b"/versions/" + target.version.encode() if target.version else b""
     return b"/v2/models/" + target.model_bytes + version + rest
-
-
-def strip_hop_by_hop(head: bytes) -> bytes:
-    """Drop Connection, Keep-Alive, Upgrade and the headers Connection names from a response head."""
-    lines = head[:-4].split(b"\r\n")
-    named = set()
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"connection":
-            named.update(t.strip() for t in value.lower().split(b","))
-    drop = HOP_BY_HOP - {b"transfer-encoding"} | named
-    kept = [lines[0]] + [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in drop]
-    return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
 def _parser_reason(e: Exception) -> str:

@@ -26,6 +26,23 @@ class ProxyMetrics:
             ["code", "reason"], registry=r)
         self.downstream_connections = Gauge(
             "meshproxy_downstream_connections", "Open client connections", registry=r)
+        self.retries = Counter(
+            "meshproxy_retries", "Retries sent, by model and the condition that caused them",
+            ["model", "reason"], registry=r)
+        self.budget_exhausted = Counter(
+            "meshproxy_retry_budget_exhausted", "Retries not sent because the budget was spent",
+            ["model"], registry=r)
+        self.mirrors = Counter(
+            "meshproxy_mirror_requests", "Mirrored copies by outcome", ["model", "outcome"],
+            registry=r)
+        self.ejections = Counter(
+            "meshproxy_outlier_ejections", "Endpoints ejected by outlier detection", ["runtime"],
+            registry=r)
+        self.ejected = Gauge(
+            "meshproxy_outlier_ejected", "Endpoints ejected now", registry=r)
+        self.overflows = Counter(
+            "meshproxy_circuit_breaker_overflows", "Requests refused at a circuit-breaker limit",
+            ["runtime", "limit"], registry=r)
         self._request_children: dict = {}
         self._duration_children: dict = {}
 
@@ -45,3 +62,18 @@ class ProxyMetrics:
 
     def record_local_error(self, code: int, reason: str) -> None:
         self.local_errors.labels(str(code), reason).inc()
+
+    def record_retry(self, model: str, reason: str) -> None:
+        self.retries.labels(model, reason).inc()
+
+    def record_budget_exhausted(self, model: str) -> None:
+        self.budget_exhausted.labels(model).inc()
+
+    def record_mirror(self, model: str, outcome: str) -> None:
+        self.mirrors.labels(model, outcome).inc()
+
+    def record_ejection(self, runtime: str) -> None:
+        self.ejections.labels(runtime).inc()
+
+    def record_overflow(self, runtime: str, limit: str) -> None:
+        self.overflows.labels(runtime, limit).inc()

@@ -77,6 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.pool.open += 1
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -131,6 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_failed(err, not self._in_head)
 
     def connection_lost(self, exc) -> None:
+        self.pool.open -= 1
         self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is None:
@@ -167,6 +169,7 @@ class HttpPool:
         self.max_idle = max_idle
         self.idle: list[UpstreamConnection] = []
         self.connecting = 0
+        self.open = 0
         self.closed = False
 
     def acquire(self) -> UpstreamConnection | None:
@@ -190,11 +193,12 @@ class HttpPool:
                 self.connect_timeout)
         except asyncio.TimeoutError:
             sink.upstream_failed(UpstreamTimeout(
-                f"connect to runtime {self.name} ({self.host}:{self.port}) timed out"), False)
+                f"connect to runtime {self.name} ({self.host}:{self.port}) timed out",
+                kind="connect-failure"), False)
         except OSError as e:
             sink.upstream_failed(UpstreamFailure(
                 f"cannot connect to runtime {self.name} ({self.host}:{self.port}): "
-                f"{e.strerror or e}"), False)
+                f"{e.strerror or e}", kind="connect-failure"), False)
         else:
             sink.upstream_ready(conn)
         finally:
