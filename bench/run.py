@@ -1,0 +1,197 @@
+"""The bench: direct, Envoy, meshproxy and nginx side by side on one upstream, in one bounded run.
+
+How it works: one nginx upstream is started (pinned with the load generators). Test 1 runs
+`rounds` rounds; each round visits the paths in a fixed order, and for each path starts the
+proxy fresh on its own core, sends one checked request, warms up with wrk, then measures wrk's
+requests/s and the proxy's CPU seconds (from /proc) over the timed run, and stops the proxy.
+Test 2 starts each path once more and drives it with k6 at a fixed rate over one connection.
+A path that cannot start is recorded as failed and the others carry on; a path that answers
+anything but 200 is recorded as invalid. Results go to stdout and bench/results/latest.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import load
+import report
+from paths import PATHS, UPSTREAM_RESPONSE, Env, start_upstream
+from procs import Meter, binaries, http_status, rss_kib
+
+HERE = Path(__file__).resolve().parent
+
+# (throughput s, wrk warm-up s, rounds, latency s, k6 warm-up s)
+PROFILES = {"default": (10, 2, 3, 20, 2), "quick": (4, 1, 3, 8, 1)}
+
+
+class InvalidPath(Exception):
+    """The path runs but does not answer the bench request correctly."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help="comma-separated subset of: " + ",".join(PATHS))
+    p.add_argument("--quick", action="store_true", help="short durations (about 1.5 minutes in all)")
+    p.add_argument("--duration", type=int, help="seconds of each measured wrk run (default 10, quick 4)")
+    p.add_argument("--warmup", type=int, help="seconds of wrk warm-up before each run (default 2, quick 1)")
+    p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 3)")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    p.add_argument("--latency-duration", type=int, help="seconds of measured k6 load (default 20, quick 8)")
+    p.add_argument("--latency-warmup", type=int, help="seconds of k6 warm-up (default 2, quick 1)")
+    p.add_argument("--rate", type=int, default=100, help="k6 requests per second (default 100)")
+    p.add_argument("--load-cpu", type=int, default=0, help="core for wrk, k6 and the upstream (default 0)")
+    p.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test (default 1)")
+    p.add_argument("--latency-unpinned", action="store_true",
+                   help="do not pin the proxy during the latency test (default: pinned as in test 1)")
+    p.add_argument("--results-dir", type=Path, default=HERE / "results")
+    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the started processes")
+    args = p.parse_args(argv)
+    defaults = PROFILES["quick" if args.quick else "default"]
+    names = ("duration", "warmup", "rounds", "latency_duration", "latency_warmup")
+    for name, value in zip(names, defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    wanted = [name for name in args.paths.split(",") if name]
+    if not wanted or any(name not in PATHS for name in wanted):
+        p.error(f"--paths takes names from: {', '.join(PATHS)}")
+    args.paths = [name for name in PATHS if name in wanted]  # always the canonical order
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {"paths": args.paths, "duration_s": args.duration, "warmup_s": args.warmup,
+            "rounds": args.rounds, "connections": args.connections,
+            "latency_duration_s": args.latency_duration, "latency_warmup_s": args.latency_warmup,
+            "rate": args.rate, "load_cpu": args.load_cpu, "proxy_cpu": args.proxy_cpu,
+            "latency_proxy_pinned": not args.latency_unpinned,
+            "body_bytes": load.BODY_BYTES}
+
+
+@contextmanager
+def running(name: str, env: Env, body: bytes):
+    """Start path `name`, check one request end to end, yield (proc or None, url), stop it."""
+    proc, url = PATHS[name](env)
+    try:
+        status, answer = http_status(url, body, timeout=5.0)
+        if status != 200 or answer != UPSTREAM_RESPONSE.encode():
+            raise InvalidPath(f"check request answered {status}: {answer[:200]!r}")
+        yield proc, url
+    finally:
+        if proc is not None:
+            proc.stop()
+
+
+def throughput_run(name: str, env: Env, body: bytes, body_path: Path, args) -> dict:
+    """Warm up, then one timed wrk run; the proxy's CPU is read from /proc before and after."""
+    with running(name, env, body) as (proc, url):
+        load.run_wrk(url, body_path, args.warmup, args.connections, args.load_cpu)
+        meter = Meter(proc and proc.pid, args.proxy_cpu)
+        wrk = load.run_wrk(url, body_path, args.duration, args.connections, args.load_cpu)
+        check_alive(name, proc)
+        used = meter.stop()
+        run = {"rps": wrk.rps, "requests": wrk.requests, "seconds": wrk.seconds, "non_2xx": wrk.non_2xx,
+               "socket_errors": wrk.socket_errors, "problems": wrk.problems(), **used}
+        if proc is not None and wrk.requests:
+            run.update(cpu_us_per_req=used["cpu_s"] / wrk.requests * 1e6,
+                       core_us_per_req=used["core_busy_s"] / wrk.requests * 1e6, rss_kib=rss_kib(proc.pid))
+        return run
+
+
+def latency_run(name: str, env: Env, body: bytes, body_path: Path, work: Path, args) -> dict:
+    """One k6 run at a fixed rate over one connection."""
+    if args.latency_unpinned:
+        env = Env(work=env.work, upstream_port=env.upstream_port, proxy_cpu=None)
+    with running(name, env, body) as (proc, url):
+        meter = Meter(proc and proc.pid, args.proxy_cpu)
+        k6 = load.run_k6(url, body_path, work, name, args.rate, args.latency_warmup,
+                         args.latency_duration, args.load_cpu)
+        check_alive(name, proc)
+        return {**k6.us, "count": k6.count, "failed_rate": k6.failed_rate, "dropped": k6.dropped,
+                "problems": k6.problems(), **meter.stop()}
+
+
+def check_alive(name: str, proc) -> None:
+    if proc is not None and not proc.alive():
+        raise RuntimeError(f"{name} exited during the run:\n{proc.log_tail()}")
+
+
+def guarded(result: report.PathResult, step, *a):
+    """Run one step for a path; turn its failure into the path's record instead of aborting."""
+    try:
+        return step(*a)
+    except InvalidPath as e:
+        result.problems.append(str(e))
+        result.halted = True
+    except Exception as e:  # noqa: BLE001 - any failure of one path must not stop the others
+        result.failed = f"{type(e).__name__}: {e}"
+        result.halted = True
+    return None
+
+
+def measure(args, work: Path, body: bytes, body_path: Path) -> dict[str, report.PathResult]:
+    results = {name: report.PathResult(name) for name in args.paths}
+    upstream, port = start_upstream(work, args.load_cpu)
+    env = Env(work=work, upstream_port=port, proxy_cpu=args.proxy_cpu)
+    try:
+        for rnd in range(args.rounds):
+            for name, r in results.items():
+                if r.halted:
+                    continue
+                print(f"[throughput {rnd + 1}/{args.rounds}] {name}", file=sys.stderr, flush=True)
+                run = guarded(r, throughput_run, name, env, body, body_path, args)
+                if run:
+                    r.runs.append(run)
+                    r.problems += run["problems"]
+        for name, r in results.items():
+            if r.halted:
+                continue
+            print(f"[latency] {name}", file=sys.stderr, flush=True)
+            r.latency = guarded(r, latency_run, name, env, body, body_path, work, args)
+            if r.latency:
+                r.problems += r.latency["problems"]
+    finally:
+        upstream.stop()
+    report.add_latency_deltas(results)
+    return results
+
+
+def check_tools(args) -> None:
+    found = binaries()
+    needed = ["wrk", "k6", "nginx", "taskset"] + (["envoy"] if "envoy" in args.paths else [])
+    missing = [n for n in needed if found[n] is None]
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)}; run `bash bench/setup.sh` (or `make bench`)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_tools(args)
+    # A SIGTERM unwinds like Ctrl-C does, so every started process is stopped by its PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    body = load.infer_body()
+    work = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))
+    work.chmod(0o755)  # nginx workers run as nobody
+    body_path = work / "body.json"
+    body_path.write_bytes(body)
+    try:
+        results = measure(args, work, body, body_path)
+    finally:
+        if args.keep_tmp:
+            print(f"configs and logs kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "body.json").write_bytes(body)
+    print(report.write(results, report.machine_info(), settings_of(args), args.results_dir))
+    sys.exit(0 if all(r.status == "ok" for r in results.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
