@@ -43,7 +43,8 @@ async def proxy(rts=(), extra: str = "", listed: dict[str, list[str]] | None = N
                    for rt in rts)
     for name, models in (dead or {}).items():
         body += runtime_yaml(name, free_port(), models)
-    text = ("listeners: {http_address: '127.0.0.1:0'}\nadmin: {address: '127.0.0.1:0'}\n"
+    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+            "admin: {address: '127.0.0.1:0'}\n"
             + textwrap.dedent(extra) + "static_resources:\n  runtimes:\n" + body
             + ("  routes:\n" + textwrap.indent(textwrap.dedent(routes), "    ") if routes else ""))
     app = ProxyApp(load_text(text))
@@ -88,3 +89,28 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.01):
         if loop.time() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def proxy_file(path, text: str):
+    """A ProxyApp from a config file it watches (edits to `path` apply live)."""
+    from meshproxy.config import load_file
+    path.write_text(textwrap.dedent(text))
+    app = ProxyApp(load_file(str(path)), config_path=str(path))
+    app_watch_interval(app)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+def app_watch_interval(app, seconds: float = 0.05) -> None:
+    app.watch_interval = seconds
+
+
+def rt_yaml(rt, models=None, extra: str = "") -> str:
+    """One runtime entry for a config's static_resources.runtimes."""
+    ms = ", ".join("{name: %s}" % m for m in (models or rt.loaded_models()))
+    return (f"    - name: {rt.name}\n      http_address: 127.0.0.1:{rt.http_port}\n"
+            f"      models: [{ms}]\n" + textwrap.indent(textwrap.dedent(extra), "      "))
