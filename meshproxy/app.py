@@ -39,6 +39,8 @@ class ProxyApp:
         self.admin_port = 0
         self._admin_runner = None
         self._ticker: asyncio.Task | None = None
+        self.discovery = None  # the ADS client when config.dynamic is set
+        self.sidecar = None    # the registration stream when config.dynamic.sidecar is set
 
     def _attach_pool(self, endpoint) -> None:
         s = self.config.http
@@ -47,14 +49,25 @@ class ProxyApp:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.dynamic is not None:
+            from meshproxy.discovery.client import AdsClient
+            self.discovery = AdsClient(self.config.dynamic, self.config.source.node, self.update,
+                                       self.config.runtimes, self.config.routes)
+            await self.discovery.start()  # a snapshot saved on disk is in force from here
+            if self.config.dynamic.sidecar is not None:
+                from meshproxy.discovery.sidecar import SidecarReporter
+                self.sidecar = SidecarReporter(self.config.dynamic, self.config.source.node)
+                await self.sidecar.start()
         addr = self.config.http_address
         self.server = await loop.create_server(
             lambda: HttpConnection(self.ctx), addr.host, addr.port, backlog=2048,
             reuse_address=True)
         self.http_port = self.server.sockets[0].getsockname()[1]
         admin = self.config.admin_address
-        self._admin_runner, self.admin_port = await start_admin(
-            build_admin(self), admin.host, admin.port)
+        web_app = build_admin(self)
+        if self.discovery is not None:
+            web_app.router.add_get("/xds", self._xds_dump)
+        self._admin_runner, self.admin_port = await start_admin(web_app, admin.host, admin.port)
         self._ticker = loop.create_task(self._tick())
         log.info("meshproxy listening: rest=%s:%d admin=%s:%d", addr.host, self.http_port,
                  admin.host, self.admin_port)
@@ -77,6 +90,10 @@ class ProxyApp:
             endpoint.pool.close()
 
     async def stop(self) -> None:
+        if self.sidecar is not None:
+            await self.sidecar.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.server is not None:
             self.server.close()
         self.ctx.drain()
@@ -107,3 +124,8 @@ class ProxyApp:
         if method == b"POST" and path == b"/v2/repository/index":
             return 200, json.dumps(self.ctx.snapshot.index()).encode()
         return None
+
+    async def _xds_dump(self, _request):
+        """Admin /xds: per type the version, when it was applied, ACK/NACK counts, last NACK."""
+        from aiohttp import web
+        return web.json_response(self.discovery.dump(), dumps=lambda d: json.dumps(d, indent=2))

@@ -1,4 +1,4 @@
-"""`meshproxy proxy|runtime|demo|check-config`; bad config exits 64 before any port is bound."""
+"""`meshproxy proxy|control-plane|runtime|demo|check-config`; bad config exits 64 before any port is bound."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("proxy", help="run the proxy")
     p.add_argument("-c", "--config", required=True, help="YAML bootstrap file")
 
+    p = sub.add_parser("control-plane", help="run the control plane (ADS server, discovery)")
+    p.add_argument("-c", "--config", required=True, help="YAML ControlPlaneConfig file")
+
     p = sub.add_parser("check-config", help="validate a proxy config file (exit 0 or 64)")
     p.add_argument("file")
 
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args.file)
     if args.command == "proxy":
         return _proxy(args.config)
+    if args.command == "control-plane":
+        return _control_plane(args.config)
     if args.command == "runtime":
         return _run(devruntime.serve(devruntime.options_from_args(args)))
     from meshproxy.devtools import demo
@@ -68,6 +73,31 @@ def _proxy(path: str) -> int:
             raise SystemExit(f"meshproxy: cannot listen: {e}") from None
         print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
               f"admin={config.admin_address.host}:{app.admin_port}", flush=True)
+        try:
+            await _until_signalled()
+        finally:
+            await app.stop()
+
+    return _run(serve())
+
+
+def _control_plane(path: str) -> int:
+    from meshproxy.control import config as cp_config
+    try:
+        settings = cp_config.load_file(path)
+    except ConfigError as e:
+        print(f"meshproxy: invalid control-plane config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from meshproxy.control.app import ControlPlaneApp
+
+    async def serve() -> None:
+        app = ControlPlaneApp(settings, path)
+        try:
+            await app.start()
+        except OSError as e:
+            raise SystemExit(f"meshproxy: cannot listen: {e}") from None
+        print(f"meshproxy control-plane ready grpc={settings.grpc_address.host}:{app.grpc_port} "
+              f"admin={settings.admin_address.host}:{app.admin_port}", flush=True)
         try:
             await _until_signalled()
         finally:

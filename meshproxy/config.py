@@ -55,6 +55,19 @@ class ProxyConfig:
     runtimes: tuple[resources_pb2.Runtime, ...]
     routes: tuple[resources_pb2.ModelRoute, ...]
     source: bootstrap_pb2.Bootstrap
+    dynamic: DynamicSettings | None = None  # None: static resources only
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicSettings:
+    """dynamic_resources: the ADS stream's control planes and behaviour."""
+    ads_addresses: tuple[Address, ...]
+    delta: bool
+    initial_backoff: float
+    max_backoff: float
+    snapshot_path: str
+    sidecar: resources_pb2.Runtime | None  # sidecar mode: the local runtime to report
+    sidecar_poll_interval: float
 
 
 def load_file(path: str) -> ProxyConfig:
@@ -98,6 +111,7 @@ def _build(b: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         runtimes=tuple(b.static_resources.runtimes),
         routes=tuple(b.static_resources.routes),
         source=b,
+        dynamic=_dynamic(b),
     )
 
 
@@ -132,6 +146,32 @@ def _seconds(msg, field: str, default: float, prefix: str = "") -> float:
     if value <= 0:
         raise ConfigError(f"{prefix}{field}: must be positive")
     return value
+
+
+def _dynamic(b: bootstrap_pb2.Bootstrap) -> DynamicSettings | None:
+    if not b.HasField("dynamic_resources"):
+        return None
+    d, where = b.dynamic_resources, "dynamic_resources."
+    if not d.ads_addresses:
+        raise ConfigError(f"{where}ads_addresses: at least one control-plane host:port is required")
+    addresses = tuple(parse_address(a, f"{where}ads_addresses[{i}]")
+                      for i, a in enumerate(d.ads_addresses))
+    initial = _seconds(d, "initial_backoff", 0.5, where)
+    maximum = _seconds(d, "max_backoff", 30.0, where)
+    if maximum < initial:
+        raise ConfigError(f"{where}max_backoff: must be at least initial_backoff")
+    sidecar = None
+    if d.HasField("sidecar"):
+        sidecar = d.sidecar.runtime
+        if sidecar.models:
+            raise ConfigError(f"{where}sidecar.runtime.models: polled from the runtime, not listed")
+        try:
+            validate_resources([sidecar], [], f"{where}sidecar")
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(".runtimes[0]", ".runtime")) from None
+    return DynamicSettings(addresses, d.protocol == bootstrap_pb2.DynamicResources.DELTA, initial,
+                           maximum, d.snapshot_path, sidecar,
+                           _seconds(d.sidecar, "poll_interval", 2.0, f"{where}sidecar."))
 
 
 def parse_address(text: str, where: str) -> Address:

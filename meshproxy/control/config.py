@@ -1,0 +1,94 @@
+"""YAML -> ControlPlaneConfig proto -> frozen ControlPlaneSettings; ConfigError names the field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import yaml
+from google.protobuf import json_format
+
+from meshproxy._proto.meshproxy.v1 import control_plane_pb2, resources_pb2
+from meshproxy.config import Address, ConfigError, parse_address, validate_resources
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlPlaneSettings:
+    grpc_address: Address
+    admin_address: Address
+    identifier: str
+    runtimes: tuple[resources_pb2.Runtime, ...]      # published as listed
+    routes: tuple[resources_pb2.ModelRoute, ...]
+    discovered: tuple[resources_pb2.Runtime, ...]    # polled for their models
+    poll_interval: float
+    grace: float
+    request_timeout: float
+    heartbeat_interval: float
+    registration_grace: float
+    watch_interval: float
+    source: control_plane_pb2.ControlPlaneConfig
+
+
+def load_file(path: str) -> ControlPlaneSettings:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return load_text(text, source=path)
+
+
+def load_text(text: str, source: str = "<config>") -> ControlPlaneSettings:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
+    msg = control_plane_pb2.ControlPlaneConfig()
+    try:
+        json_format.ParseDict(data, msg)
+        return _build(msg)
+    except json_format.ParseError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _build(c: control_plane_pb2.ControlPlaneConfig) -> ControlPlaneSettings:
+    validate_resources(c.resources.runtimes, c.resources.routes, "resources")
+    d = c.discovery
+    validate_resources(d.runtimes, [], "discovery")
+    listed = {rt.name for rt in c.resources.runtimes}
+    for i, rt in enumerate(d.runtimes):
+        if rt.models:
+            raise ConfigError(f"discovery.runtimes[{i}].models: polled from the runtime, not listed")
+        if rt.name in listed:
+            raise ConfigError(f"discovery.runtimes[{i}].name: {rt.name!r} is also in resources")
+    poll = _seconds(d, "poll_interval", 2.0, "discovery.")
+    heartbeat = _seconds(c.registration, "heartbeat_interval", 2.0, "registration.")
+    return ControlPlaneSettings(
+        grpc_address=parse_address(c.grpc_address or "0.0.0.0:18000", "grpc_address"),
+        admin_address=parse_address(c.admin_address or "127.0.0.1:19000", "admin_address"),
+        identifier=c.identifier or "meshproxy-control-plane",
+        runtimes=tuple(c.resources.runtimes),
+        routes=tuple(c.resources.routes),
+        discovered=tuple(d.runtimes),
+        poll_interval=poll,
+        grace=_seconds(d, "grace", 3 * poll, "discovery."),
+        request_timeout=_seconds(d, "request_timeout", min(poll, 2.0), "discovery."),
+        heartbeat_interval=heartbeat,
+        registration_grace=_seconds(c.registration, "grace", 3 * heartbeat, "registration."),
+        watch_interval=_seconds(c, "watch_interval", 1.0),
+        source=c,
+    )
+
+
+def _seconds(msg, field: str, default: float, prefix: str = "") -> float:
+    if not msg.HasField(field):
+        return default
+    value = getattr(msg, field).ToNanoseconds() / 1e9
+    if value <= 0:
+        raise ConfigError(f"{prefix}{field}: must be positive")
+    return value

@@ -1,0 +1,136 @@
+"""Sidecar registration: runtimes reported over a gRPC stream, dropped `grace` after it goes.
+
+How it works: each request on a Register stream carries the sidecar's runtime as it is now
+(an unchanged one is the heartbeat). A registration expires `grace` after its stream ended,
+or `grace` after it fell silent for three heartbeat intervals; until then its last reported
+models stay in the table. A name already held by another live stream, or a runtime that fails
+validation, is refused with an error response and the stream is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+from google.protobuf import duration_pb2
+
+from meshproxy._proto.meshproxy.v1 import discovery_pb2, discovery_pb2_grpc, resources_pb2
+from meshproxy.config import ConfigError, validate_resources
+
+log = logging.getLogger("meshproxy.control")
+SILENT_HEARTBEATS = 3
+
+
+@dataclasses.dataclass
+class Registration:
+    runtime: resources_pb2.Runtime
+    node_id: str
+    last_seen: float
+    stream: int            # id of the stream that owns it
+    closed_at: float | None = None
+
+
+class Registrations:
+    """The registered runtimes (clock passed in; `start` runs the expiry ticker)."""
+
+    def __init__(self, changed: Callable[[], None], grace: float, heartbeat: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.entries: dict[str, Registration] = {}
+        self.grace = grace
+        self.heartbeat = heartbeat
+        self._changed = changed
+        self._clock = clock
+        self._task: asyncio.Task | None = None
+
+    def report(self, stream: int, node_id: str, runtime: resources_pb2.Runtime) -> str:
+        """Record a request; '' or the reason it is refused."""
+        try:
+            validate_resources([runtime], [], "runtime")
+        except ConfigError as e:
+            return str(e).replace("runtime.runtimes[0]", "runtime")
+        now = self._clock()
+        reg = self.entries.get(runtime.name)
+        if reg is not None and reg.stream != stream and not self._expired(reg, now) \
+                and reg.closed_at is None:
+            return f"runtime {runtime.name!r} is already registered by node {reg.node_id!r}"
+        changed = reg is None or reg.runtime != runtime or reg.closed_at is not None
+        self.entries[runtime.name] = Registration(runtime, node_id, now, stream)
+        if changed:
+            self._changed()
+        return ""
+
+    def closed(self, stream: int) -> None:
+        now = self._clock()
+        for reg in self.entries.values():
+            if reg.stream == stream and reg.closed_at is None:
+                reg.closed_at = now
+
+    def _expired(self, reg: Registration, now: float) -> bool:
+        gone = reg.closed_at if reg.closed_at is not None else (
+            reg.last_seen + SILENT_HEARTBEATS * self.heartbeat)
+        return now >= gone + self.grace
+
+    def expire(self) -> bool:
+        now = self._clock()
+        dead = [n for n, r in self.entries.items() if self._expired(r, now)]
+        for name in dead:
+            log.info("registered runtime %s expired; its models leave the table", name)
+            del self.entries[name]
+        if dead:
+            self._changed()
+        return bool(dead)
+
+    def runtimes(self) -> list[resources_pb2.Runtime]:
+        return [self.entries[n].runtime for n in sorted(self.entries)]
+
+    def dump(self) -> dict:
+        now = self._clock()
+        return {n: {"node_id": r.node_id, "models": len(r.runtime.models),
+                    "seen_s_ago": round(now - r.last_seen, 3), "stream_open": r.closed_at is None}
+                for n, r in sorted(self.entries.items())}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick(), name="registrations")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.grace, self.heartbeat) / 4)
+            self.expire()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class RegistrationServicer(discovery_pb2_grpc.RuntimeRegistrationServiceServicer):
+    def __init__(self, registrations: Registrations, heartbeat: float, metrics):
+        self.registrations = registrations
+        self.registrations.heartbeat = heartbeat
+        self.heartbeat = duration_pb2.Duration()
+        self.heartbeat.FromNanoseconds(int(heartbeat * 1e9))
+        self.metrics = metrics
+
+    async def Register(self, request_iterator, context):
+        stream = id(context)
+        self.metrics.registrations.inc()
+        try:
+            first = True
+            async for request in request_iterator:
+                error = self.registrations.report(stream, request.node.id, request.runtime)
+                if error:
+                    log.warning("registration from %s refused: %s", context.peer(), error)
+                    yield discovery_pb2.RegisterResponse(
+                        error=discovery_pb2.RpcStatus(code=3, message=error))
+                    return
+                if first:
+                    log.info("runtime %s registered by node %s", request.runtime.name,
+                             request.node.id)
+                    yield discovery_pb2.RegisterResponse(heartbeat_interval=self.heartbeat)
+                    first = False
+        finally:
+            self.registrations.closed(stream)
+            self.metrics.registrations.dec()

@@ -1,0 +1,167 @@
+"""The proxy's ADS stream client: drives SubscriptionState over gRPC and swaps in snapshots.
+
+How it works: one task keeps one stream open to the first control plane that answers
+(addresses are tried in order, moving on after each failure). Each response goes through
+`SubscriptionState.handle`; an accepted change is applied with `apply(version, runtimes,
+routes)` (and written to `snapshot_path`), and the ACK or NACK is written back before the
+next read. When the stream ends or fails nothing is torn down: the proxy keeps serving its
+last snapshot while the task waits a jittered exponential backoff and reconnects, a delta
+client announcing what it holds with initial_resource_versions. A fresh channel is made for
+every attempt so gRPC's own reconnect backoff never adds to ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from typing import Callable
+
+import grpc
+
+from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, discovery_pb2_grpc
+from meshproxy.config import DynamicSettings
+from meshproxy.discovery.state import SubscriptionState, reconnect_delay
+
+log = logging.getLogger("meshproxy.discovery")
+CONNECT_TIMEOUT = 2.0
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+]
+
+Apply = Callable[[str, list, list], None]
+
+
+class AdsClient:
+    """One ADS session for one proxy; `start` returns at once, `stop` ends the stream."""
+
+    def __init__(self, settings: DynamicSettings, node: bootstrap_pb2.Node, apply: Apply,
+                 static_runtimes=(), static_routes=(), rnd: Callable[[], float] = random.random):
+        self.settings = settings
+        self.state = SubscriptionState(node, settings.delta, static_runtimes, static_routes)
+        self._apply_cb = apply
+        self._rnd = rnd
+        self._task: asyncio.Task | None = None
+        self.connected_to: str | None = None
+        self.streams = 0          # streams opened
+        self.updates = 0          # snapshots applied
+        self.on_update: Callable[[], None] | None = None  # test and bench hook
+
+    async def start(self) -> None:
+        self._restore()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ads-client")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # --- the stream -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt, index = 0, 0
+        addresses = [str(a) for a in self.settings.ads_addresses]
+        while True:
+            address = addresses[index % len(addresses)]
+            try:
+                await self._session(address)
+                log.warning("ADS stream to %s ended; serving snapshot %s", address,
+                            self.state.version())
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError) as e:
+                log.warning("ADS stream to %s lost: %s; serving snapshot %s", address,
+                            _reason(e), self.state.version())
+            if self.connected_to is not None:
+                attempt = 0  # it worked: try the same control plane again first
+            else:
+                index += 1   # it never answered: fail over to the next one
+            self.connected_to = None
+            delay = reconnect_delay(attempt, self.settings.initial_backoff,
+                                    self.settings.max_backoff, self._rnd())
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _session(self, address: str) -> None:
+        """One stream, until the server ends it or it fails."""
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+            stub = discovery_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = (stub.DeltaAggregatedResources() if self.settings.delta
+                    else stub.StreamAggregatedResources())
+            for request in self.state.initial_requests():
+                await call.write(request)
+            self.connected_to, self.streams = address, self.streams + 1
+            log.info("ADS stream to %s open (%s)", address,
+                     "delta" if self.settings.delta else "state of the world")
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return
+                await call.write(self._handle(response))
+
+    def _handle(self, response):
+        outcome = self.state.handle(response, time.time())
+        if outcome.nack is not None:
+            log.warning("NACK %s nonce=%s version=%s: %s", response.type_url, outcome.nack.nonce,
+                        outcome.nack.version, outcome.nack.message)
+        elif outcome.changed:
+            self._apply()
+            self._save()
+        return outcome.request
+
+    def _apply(self) -> None:
+        self._apply_cb(self.state.version(), self.state.runtimes(), self.state.routes())
+        self.updates += 1
+        if self.on_update is not None:
+            self.on_update()
+
+    # --- the snapshot on disk ---------------------------------------------------------------
+
+    def _restore(self) -> None:
+        path = self.settings.snapshot_path
+        if not path or not os.path.exists(path):
+            return
+        try:
+            with open(path, "rb") as f:
+                self.state.restore(f.read(), time.time())
+        except (OSError, ValueError) as e:
+            log.warning("ignoring snapshot %s: %s", path, e)
+            return
+        log.info("serving snapshot %s from %s until a control plane answers",
+                 self.state.version(), path)
+        self._apply()
+
+    def _save(self) -> None:
+        path = self.settings.snapshot_path
+        if not path:
+            return
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self.state.saved())
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot write snapshot %s: %s", path, e)
+
+    def dump(self) -> dict:
+        return {"connected_to": self.connected_to, "streams_opened": self.streams,
+                "protocol": "delta" if self.settings.delta else "sotw",
+                "snapshot_version": self.state.version(), "types": self.state.dump()}
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no connection within {CONNECT_TIMEOUT:.0f}s"
+    return str(e)

@@ -1,0 +1,265 @@
+"""The control plane end to end: devtools runtimes, a control plane, proxies on ADS streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import textwrap
+
+import aiohttp
+import pytest
+
+from meshproxy._proto.meshproxy.v1 import resources_pb2
+from meshproxy.app import ProxyApp
+from meshproxy.config import load_text as load_proxy
+from meshproxy.control.app import ControlPlaneApp
+from meshproxy.control.config import load_file as load_cp_file, load_text as load_cp
+from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
+from meshproxy.discovery.state import ROUTE_TYPE, RUNTIME_TYPE
+from meshproxy.errors import ProxyError
+from tests.integration.harness import eventually
+
+POLL = 0.2
+GRACE = 0.6
+BODY = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}
+
+
+def cp_yaml(rts, port: int = 0, extra: str = "") -> str:
+    lines = [f"grpc_address: 127.0.0.1:{port}", "admin_address: 127.0.0.1:0",
+             "watch_interval: 0.1s",
+             "registration: {heartbeat_interval: 0.1s, grace: %ss}" % GRACE,
+             "discovery:", f"  poll_interval: {POLL}s", f"  grace: {GRACE}s", "  runtimes:"]
+    lines += [f"    - {{name: {rt.name}, http_address: '127.0.0.1:{rt.http_port}', dialect: TRITON}}"
+              for rt in rts]
+    return "\n".join(lines) + "\n" + textwrap.dedent(extra)
+
+
+@contextlib.asynccontextmanager
+async def control_plane(text: str, path=None):
+    if path is not None:
+        path.write_text(text)
+    cp = ControlPlaneApp(load_cp_file(str(path)) if path else load_cp(text),
+                         str(path) if path else None)
+    await cp.start()
+    try:
+        yield cp
+    finally:
+        await cp.stop()
+
+
+@contextlib.asynccontextmanager
+async def proxies(cp_port: int, protocols=("DELTA", "STATE_OF_THE_WORLD"), extra: str = ""):
+    apps = []
+    try:
+        for i, protocol in enumerate(protocols):
+            app = ProxyApp(load_proxy(
+                f"node: {{id: proxy-{i}, cluster: test}}\n"
+                "listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\nadmin: {address: '127.0.0.1:0'}\n"
+                f"dynamic_resources:\n  ads_addresses: ['127.0.0.1:{cp_port}']\n"
+                f"  protocol: {protocol}\n  initial_backoff: 0.1s\n  max_backoff: 0.4s\n"
+                + textwrap.indent(textwrap.dedent(extra), "  ")))
+            await app.start()
+            apps.append(app)
+        yield apps
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+@contextlib.asynccontextmanager
+async def runtimes(*specs, **options):
+    started = []
+    try:
+        for name, models in specs:
+            rt = DevRuntime(RuntimeOptions(name=name, models=models, http_port=0, grpc_port=None,
+                                           **options))
+            await rt.start()
+            started.append(rt)
+        yield started
+    finally:
+        for rt in started:
+            await rt.stop()
+
+
+def routes(app: ProxyApp, model: str) -> set[str]:
+    """The runtimes `app` would send `model` to (empty: not routable)."""
+    try:
+        _, balancer = app.ctx.snapshot.match(model, None, random.random)
+    except ProxyError:
+        return set()
+    return {rt.name for rt in app.ctx.snapshot.runtimes
+            if any(m.name == model and m.state == 0 for m in rt.models)}
+
+
+async def infer(session, app: ProxyApp, model: str):
+    async with session.post(f"http://127.0.0.1:{app.http_port}/v2/models/{model}/infer",
+                            json=BODY) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("x-meshproxy-upstream")
+
+
+async def admin_json(port: int, path: str):
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}{path}") as resp:
+        return await resp.json()
+
+
+async def test_a_loaded_model_is_routed_by_every_proxy_within_poll_interval_and_200ms():
+    async with runtimes(("r1", ["mnist"]), ("r2", ["sum"])) as (r1, r2), \
+            runtimes(("r3", ["identity"]), latency_ms=300) as (r3,), \
+            control_plane(cp_yaml([r1, r2, r3])) as cp, proxies(cp.grpc_port) as apps:
+        await eventually(lambda: all(routes(a, "identity") == {"r3"} for a in apps), timeout=10)
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{r1.http_port}/v2/repository/models/sum/load"):
+                pass
+            loaded = loop.time()
+            await eventually(lambda: all(routes(a, "sum") == {"r1", "r2"} for a in apps),
+                             timeout=POLL + 0.2, interval=0.005)
+            print(f"propagation {1000 * (loop.time() - loaded):.0f} ms")
+            served = {await infer(s, a, "sum") for a in apps for _ in range(20)}
+            assert served == {(200, "r1"), (200, "r2")}
+
+            # Unloaded: no longer routed; a request in flight on it still finishes.
+            inflight = asyncio.ensure_future(asyncio.gather(*(
+                infer(s, apps[0], "identity") for _ in range(3))))
+            await eventually(lambda: apps[0].registry.endpoints["r3"].active == 3, timeout=2)
+            async with s.post(f"http://127.0.0.1:{r3.http_port}/v2/repository/models/identity/unload"):
+                pass
+            await eventually(lambda: all(routes(a, "identity") == set() for a in apps), timeout=2)
+            assert {await infer(s, a, "identity") for a in apps} == {(404, None)}
+            assert await inflight == [(200, "r3")] * 3
+
+        proxies_view = await admin_json(cp.admin_port, "/proxies")
+        assert sorted(p["node_id"] for p in proxies_view["proxies"]) == ["proxy-0", "proxy-1"]
+        for p in proxies_view["proxies"]:
+            rt_status = p["types"][RUNTIME_TYPE]
+            assert rt_status["acked_version"] == cp.cache.get(RUNTIME_TYPE).version
+            assert rt_status["nacks"] == 0
+
+
+async def test_a_runtime_that_stops_answering_loses_its_models_after_the_grace():
+    async with runtimes(("r1", ["identity"]), ("r2", ["sum"])) as (r1, r2), \
+            control_plane(cp_yaml([r1, r2])) as cp, proxies(cp.grpc_port) as apps:
+        await eventually(lambda: all(routes(a, "sum") == {"r2"} for a in apps), timeout=10)
+        loop = asyncio.get_running_loop()
+        port = r2.http_port
+        await r2.stop()
+        stopped = loop.time()
+        await eventually(lambda: all(routes(a, "sum") == set() for a in apps), timeout=GRACE + 2)
+        # The last answer came at most one poll before the stop, so never before grace - poll.
+        assert loop.time() - stopped >= GRACE - POLL - 0.05
+        assert all(routes(a, "identity") == {"r1"} for a in apps)
+
+        back = DevRuntime(RuntimeOptions(name="r2", models=["sum"], http_port=port, grpc_port=None))
+        await back.start()
+        try:
+            await eventually(lambda: all(routes(a, "sum") == {"r2"} for a in apps), timeout=2)
+        finally:
+            await back.stop()
+
+
+async def test_control_plane_down_under_load_fails_no_request_and_proxies_resync():
+    async with runtimes(("r1", ["identity", "sum"]), ("r2", ["sum"])) as (r1, r2):
+        text = cp_yaml([r1, r2])
+        cp = ControlPlaneApp(load_cp(text))
+        await cp.start()
+        port = cp.grpc_port
+        async with proxies(port) as apps:
+            await eventually(lambda: all(routes(a, "sum") == {"r1", "r2"} for a in apps), 10)
+            results: list[int] = []
+            stop = asyncio.Event()
+
+            async def load(app):
+                async with aiohttp.ClientSession() as s:
+                    while not stop.is_set():
+                        results.append((await infer(s, app, "sum"))[0])
+
+            drivers = [asyncio.ensure_future(load(a)) for a in apps for _ in range(2)]
+            await eventually(lambda: len(results) > 20, timeout=5)
+            await cp.stop()
+            await eventually(lambda: all(a.discovery.connected_to is None for a in apps), 5)
+            during = len(results)
+            await eventually(lambda: len(results) > during + 50, timeout=5)
+
+            cp = ControlPlaneApp(load_cp(cp_yaml([r1, r2], port=port)))
+            await cp.start()
+            try:
+                await eventually(lambda: len(cp.proxies.statuses) == 2, timeout=5)
+                # Delta resubscribed with what it held, sotw with its version: nothing resent.
+                await eventually(lambda: all(RUNTIME_TYPE in st.types
+                                             for st in cp.proxies.statuses.values()), timeout=5)
+                delta = [st for st in cp.proxies.statuses.values() if st.protocol == "delta"]
+                assert delta[0].responses == 0
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(f"http://127.0.0.1:{r2.http_port}"
+                                      "/v2/repository/models/identity/load"):
+                        pass
+                await eventually(lambda: all(routes(a, "identity") == {"r1", "r2"}
+                                             for a in apps), timeout=2)
+            finally:
+                stop.set()
+                await asyncio.gather(*drivers)
+                await cp.stop()
+        assert len(results) > 100
+        assert set(results) == {200}, f"{len(results) - results.count(200)} failed"
+
+
+@pytest.mark.parametrize("protocol", ["DELTA", "STATE_OF_THE_WORLD"])
+async def test_an_invalid_resource_is_nacked_and_traffic_stays_on_the_old_snapshot(protocol):
+    async with runtimes(("r1", ["sum"])) as (r1,), control_plane(cp_yaml([r1])) as cp, \
+            proxies(cp.grpc_port, [protocol]) as (app,):
+        await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+        good = list(cp.cache.get(RUNTIME_TYPE).entries.values())
+        bad = resources_pb2.Runtime(name="broken", http_address="nowhere")
+        cp.cache.set_resources(RUNTIME_TYPE, [e.message for e in good] + [bad])
+        await eventually(lambda: app.discovery.state.types[RUNTIME_TYPE].last_nack is not None, 5)
+        nack = app.discovery.state.types[RUNTIME_TYPE].last_nack
+        assert "broken" in nack.message and "http_address" in nack.message
+        async with aiohttp.ClientSession() as s:
+            assert {await infer(s, app, "sum") for _ in range(10)} == {(200, "r1")}
+        await eventually(lambda: any(st.types[RUNTIME_TYPE].nacks == 1
+                                     for st in cp.proxies.statuses.values()), timeout=2)
+        view = (await admin_json(cp.admin_port, "/proxies"))["proxies"][0]["types"][RUNTIME_TYPE]
+        assert view["nacks"] == 1 and "broken" in view["last_nack"]
+        xds = await admin_json(app.admin_port, "/xds")
+        assert "broken" in xds["types"][RUNTIME_TYPE]["last_nack"]["message"]
+
+        cp.publish()  # the table without the bad resource: accepted again
+        await eventually(lambda: any(st.types[RUNTIME_TYPE].acked_version
+                                     == cp.cache.get(RUNTIME_TYPE).version
+                                     for st in cp.proxies.statuses.values()), timeout=2)
+        assert routes(app, "sum") == {"r1"}
+
+
+async def test_config_edits_are_pushed_and_invalid_edits_keep_the_last_good_config(tmp_path):
+    path = tmp_path / "cp.yaml"
+    async with runtimes(("r1", ["sum"])) as (r1,), control_plane(cp_yaml([r1]), path) as cp, \
+            proxies(cp.grpc_port, ["DELTA"]) as (app,):
+        await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+        route = "resources:\n  routes:\n    - {model: total, targets: [{model: sum}]}\n"
+        path.write_text(cp_yaml([r1], extra=route))
+        await eventually(lambda: app.ctx.snapshot.is_known("total"), timeout=3)
+        path.write_text(cp_yaml([r1], extra=route.replace("total", "bad/name")))
+        await eventually(lambda: cp.watcher.last_error != "", timeout=3)
+        assert "resources.routes[0].model" in cp.watcher.last_error
+        assert [r.model for r in cp.settings.routes] == ["total"]
+        async with aiohttp.ClientSession() as s:
+            assert await infer(s, app, "total") == (200, "r1")
+
+
+async def test_a_sidecar_registered_runtime_appears_and_disappears_with_its_stream():
+    async with runtimes(("r1", ["identity"]), ("local", ["mnist"])) as (r1, local), \
+            control_plane(cp_yaml([r1])) as cp, proxies(cp.grpc_port, ["DELTA"]) as (gateway,):
+        sidecar_extra = (f"sidecar:\n  runtime: {{name: local, http_address: "
+                         f"'127.0.0.1:{local.http_port}'}}\n  poll_interval: 0.1s\n")
+        async with proxies(cp.grpc_port, ["DELTA"], extra=sidecar_extra) as (sidecar,):
+            await eventually(lambda: routes(gateway, "mnist") == {"local"}, timeout=5)
+            # the sidecar routes the other models straight to their runtimes
+            await eventually(lambda: routes(sidecar, "identity") == {"r1"}, timeout=5)
+            async with aiohttp.ClientSession() as s:
+                assert await infer(s, sidecar, "identity") == (200, "r1")
+        loop = asyncio.get_running_loop()
+        closed = loop.time()
+        await eventually(lambda: routes(gateway, "mnist") == set(), timeout=GRACE + 2)
+        assert loop.time() - closed >= GRACE - 0.1

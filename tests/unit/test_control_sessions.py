@@ -1,0 +1,142 @@
+"""The ADS server's per-stream logic and the cache: nonces, NACKs, diffs, ordering (no sockets)."""
+
+from meshproxy._proto.meshproxy.v1 import discovery_pb2, resources_pb2
+from meshproxy.control.cache import ResourceCache
+from meshproxy.control.registration import Registrations
+from meshproxy.control.sessions import DeltaSession, ProxyStatus, SotwSession
+from meshproxy.control.sources import RuntimeView, models_from_index
+from meshproxy.discovery.state import ROUTE_TYPE, RUNTIME_TYPE, SubscriptionState
+
+Runtime, LoadedModel = resources_pb2.Runtime, resources_pb2.LoadedModel
+
+
+def runtime(name, *models):
+    return Runtime(name=name, http_address="10.0.0.1:1",
+                   models=[LoadedModel(name=m) for m in models])
+
+
+def cache_with(*runtimes, routes=()):
+    c = ResourceCache()
+    c.set_all(runtimes, routes)
+    return c
+
+
+def sotw_session(cache):
+    return SotwSession(cache, ProxyStatus("peer", "sotw", 0.0), clock=lambda: 1.0)
+
+
+def delta_session(cache):
+    return DeltaSession(cache, ProxyStatus("peer", "delta", 0.0), clock=lambda: 1.0)
+
+
+def test_versions_follow_content_and_survive_restarts():
+    a, b = cache_with(runtime("r", "m")), cache_with(runtime("r", "m"))
+    assert a.get(RUNTIME_TYPE).version == b.get(RUNTIME_TYPE).version
+    assert not a.set_all([runtime("r", "m")], [])
+    assert a.set_all([runtime("r", "m", "k")], [])
+
+
+def test_sotw_sends_runtimes_then_routes_and_records_acks_and_nacks():
+    cache = cache_with(runtime("r", "m"), routes=[resources_pb2.ModelRoute(model="m")])
+    s = sotw_session(cache)
+    [rt] = s.on_request(discovery_pb2.DiscoveryRequest(type_url=RUNTIME_TYPE))
+    [route] = s.on_request(discovery_pb2.DiscoveryRequest(type_url=ROUTE_TYPE))
+    assert rt.type_url == RUNTIME_TYPE and route.type_url == ROUTE_TYPE and rt.nonce != route.nonce
+    # ACK
+    assert s.on_request(discovery_pb2.DiscoveryRequest(
+        type_url=RUNTIME_TYPE, version_info=rt.version_info, response_nonce=rt.nonce)) == []
+    assert s.status.types[RUNTIME_TYPE].acked_version == rt.version_info
+    # a change sends only the changed type; a NACK of it is recorded and not retried
+    cache.set_all([runtime("r", "m", "k")], [resources_pb2.ModelRoute(model="m")])
+    [again] = s.on_change()
+    assert again.type_url == RUNTIME_TYPE
+    nack = discovery_pb2.DiscoveryRequest(type_url=RUNTIME_TYPE, version_info=rt.version_info,
+                                          response_nonce=again.nonce,
+                                          error_detail=discovery_pb2.RpcStatus(message="bad"))
+    assert s.on_request(nack) == [] and s.on_change() == []
+    assert s.status.types[RUNTIME_TYPE].nacks == 1
+    assert s.status.types[RUNTIME_TYPE].last_nack == "bad"
+
+
+def test_stale_nonces_are_ignored():
+    cache = cache_with(runtime("r", "m"))
+    s = sotw_session(cache)
+    [first] = s.on_request(discovery_pb2.DiscoveryRequest(type_url=RUNTIME_TYPE))
+    cache.set_all([runtime("r", "m", "k")], [])
+    [second] = s.on_change()
+    s.on_request(discovery_pb2.DiscoveryRequest(
+        type_url=RUNTIME_TYPE, response_nonce=first.nonce, version_info=first.version_info,
+        error_detail=discovery_pb2.RpcStatus(message="old")))
+    assert s.status.types[RUNTIME_TYPE].nacks == 0
+
+
+def test_sotw_sends_nothing_to_a_proxy_that_holds_the_current_version():
+    cache = cache_with(runtime("r", "m"))
+    s = sotw_session(cache)
+    assert s.on_request(discovery_pb2.DiscoveryRequest(
+        type_url=RUNTIME_TYPE, version_info=cache.get(RUNTIME_TYPE).version)) == []
+
+
+def test_delta_sends_only_changes_and_removals_and_honours_initial_versions():
+    cache = cache_with(runtime("a", "m"), runtime("b", "m"))
+    s = delta_session(cache)
+    held = {"a": cache.get(RUNTIME_TYPE).entries["a"].version, "gone": "x"}
+    [r] = s.on_request(discovery_pb2.DeltaDiscoveryRequest(
+        type_url=RUNTIME_TYPE, resource_names_subscribe=["*"], initial_resource_versions=held))
+    assert [x.name for x in r.resources] == ["b"] and list(r.removed_resources) == ["gone"]
+    cache.set_all([runtime("a", "m", "k"), runtime("b", "m")], [])
+    [r2] = s.on_change()
+    assert [x.name for x in r2.resources] == ["a"] and not r2.removed_resources
+    cache.set_all([runtime("a", "m", "k")], [])
+    [r3] = s.on_change()
+    assert not r3.resources and list(r3.removed_resources) == ["b"]
+    assert s.on_change() == []
+
+
+def test_a_client_state_and_a_delta_session_agree_end_to_end():
+    cache = cache_with(runtime("a", "m"))
+    server = delta_session(cache)
+    client = SubscriptionState(discovery_pb2.DeltaDiscoveryRequest().node, delta=True)
+    pending = [resp for req in client.initial_requests() for resp in server.on_request(req)]
+    cache.set_all([runtime("a", "m"), runtime("b", "k")], [])
+    pending += server.on_change()
+    for resp in pending:
+        assert server.on_request(client.handle(resp, 0).request) == []
+    assert [r.name for r in client.runtimes()] == ["a", "b"]
+    assert server.status.types[RUNTIME_TYPE].acks == 2
+
+
+def test_models_from_index_keeps_held_models_only():
+    body = [{"name": "a", "version": "1", "state": "READY"},
+            {"name": "b", "state": "UNAVAILABLE", "reason": "unloaded"},
+            {"name": "c", "state": "LOADING"}, "junk"]
+    assert [(m.name, m.version, m.state) for m in models_from_index(body)] == [
+        ("a", "1", LoadedModel.READY), ("c", "", LoadedModel.LOADING)]
+
+
+def test_a_silent_runtime_keeps_its_models_for_the_grace_only():
+    view = RuntimeView(runtime("r"), grace=3.0)
+    view.answered([LoadedModel(name="m")], now=10.0)
+    msg = view.message()
+    view.failed("refused", now=12.9)
+    assert view.message() is msg and len(msg.models) == 1
+    view.failed("refused", now=13.0)
+    assert list(view.message().models) == []
+    view.answered(None, now=14.0)  # answers, not ready
+    assert list(view.message().models) == []
+    view.answered([LoadedModel(name="m")], now=15.0)
+    assert len(view.message().models) == 1
+
+
+def test_registrations_expire_grace_after_the_stream_ends():
+    now = [0.0]
+    changes = []
+    regs = Registrations(lambda: changes.append(1), grace=1.0, heartbeat=0.5, clock=lambda: now[0])
+    assert regs.report(1, "n1", runtime("side", "m")) == ""
+    assert "already registered" in regs.report(2, "n2", runtime("side", "m"))
+    assert "http_address" in regs.report(3, "n3", Runtime(name="x"))
+    regs.closed(1)
+    now[0] = 0.9
+    assert not regs.expire() and [r.name for r in regs.runtimes()] == ["side"]
+    now[0] = 1.0
+    assert regs.expire() and regs.runtimes() == []
