@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 
 from meshproxy.errors import BadRequest
 
 MAX_NAME_LENGTH = 256
 # Letters, digits and . _ - : (Triton, MLServer and KServe names), starting with a letter or digit.
-_VALID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:\-]*")
+_ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_ALLOWED = _ALNUM + b"._:-"
 _PREFIX = b"/v2/models/"
 
 
@@ -16,7 +16,8 @@ def validate(name: bytes, where: str) -> str:
     """Return `name` as str, or raise BadRequest saying what is wrong with it and where it came from."""
     if len(name) > MAX_NAME_LENGTH:
         raise BadRequest(f"invalid model name in {where}: longer than {MAX_NAME_LENGTH} bytes")
-    if _VALID.fullmatch(name) is None:
+    # bytes.translate with a delete set checks the charset in C, cheaper than a regex here
+    if not name or name.translate(None, _ALLOWED) or name[:1].translate(None, _ALNUM):
         shown = name[:64].decode("latin-1")
         raise BadRequest(
             f"invalid model name {shown!r} in {where}: use letters, digits and . _ - : only")

@@ -28,7 +28,7 @@ from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, Malform
                               UpstreamTimeout, render_http)
 from meshproxy.routing.split import unit_hash
 from meshproxy.upstream import mirror
-from meshproxy.upstream.forwarder import Exchange, has_hop_by_hop, strip_hop_by_hop
+from meshproxy.upstream.forwarder import Exchange, clean_response_head
 
 # Not forwarded: they describe this hop, or the proxy answers them itself (Expect).
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
@@ -337,8 +337,7 @@ class HttpConnection(asyncio.Protocol):
         """Send the runtime's response head (and any body bytes after it) to the client."""
         settings = self.ctx.settings
         close = ex.close_after or not ex.keep_alive or self.ctx.draining
-        if has_hop_by_hop(head):
-            head = strip_hop_by_hop(head)
+        head = clean_response_head(head)
         if head[5:8] == b"1.0":
             head = b"HTTP/1.1" + head[8:]
         parts = [head[:-2]]

@@ -2,25 +2,55 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import bisect
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 # 0.5 ms .. 120 s: inference spans sub-millisecond toy models to minute-long generations.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+class RequestStats:
+    """Requests and their durations, counted on the hot path as plain ints in dicts and turned
+    into Prometheus families only when scraped: a labels() lookup, a lock and an observe() per
+    request cost more than the rest of the per-request bookkeeping together."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple, int] = {}
+        self.durations: dict[tuple, list] = {}  # (model, protocol) -> bucket counts..., sum
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "meshproxy_requests", "Requests answered, by model, protocol, code and serving runtime",
+            labels=["model", "protocol", "code", "code_class", "runtime"])
+        for (model, protocol, code, runtime), n in list(self.counts.items()):
+            code_class = (f"{code // 100}xx" if isinstance(code, int)
+                          else "ok" if code == "OK" else "error")
+            requests.add_metric([model, protocol, str(code), code_class, runtime], n)
+        yield requests
+        duration = HistogramMetricFamily(
+            "meshproxy_request_duration_seconds", "Time from request head to response end, by model",
+            labels=["model", "protocol"])
+        for (model, protocol), hist in list(self.durations.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip(LATENCY_BUCKETS, hist):
+                cumulative += n
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", cumulative + hist[len(LATENCY_BUCKETS)]))
+            duration.add_metric([model, protocol], buckets, hist[-1])
+        yield duration
+
+
 class ProxyMetrics:
-    """The proxy's metrics in their own registry; children are cached per label set."""
+    """The proxy's metrics in their own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "meshproxy_requests", "Requests answered, by model, protocol, code and serving runtime",
-            ["model", "protocol", "code", "code_class", "runtime"], registry=r)
-        self.duration = Histogram(
-            "meshproxy_request_duration_seconds", "Time from request head to response end, by model",
-            ["model", "protocol"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stats = RequestStats()
+        r.register(self.stats)
         self.local_errors = Counter(
             "meshproxy_local_errors", "Errors the proxy answered itself, by status and reason",
             ["code", "reason"], registry=r)
@@ -43,22 +73,18 @@ class ProxyMetrics:
         self.overflows = Counter(
             "meshproxy_circuit_breaker_overflows", "Requests refused at a circuit-breaker limit",
             ["runtime", "limit"], registry=r)
-        self._request_children: dict = {}
-        self._duration_children: dict = {}
 
-    def record_request(self, model: str, protocol: str, code: int, runtime: str,
+    def record_request(self, model: str, protocol: str, code: int | str, runtime: str,
                        seconds: float) -> None:
+        """`code` is the HTTP status (REST) or the gRPC status name, e.g. "OK" (gRPC)."""
+        stats = self.stats
         key = (model, protocol, code, runtime)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(
-                model, protocol, str(code), f"{code // 100}xx", runtime)
-        child.inc()
-        dkey = (model, protocol)
-        hist = self._duration_children.get(dkey)
+        stats.counts[key] = stats.counts.get(key, 0) + 1
+        hist = stats.durations.get((model, protocol))
         if hist is None:
-            hist = self._duration_children[dkey] = self.duration.labels(model, protocol)
-        hist.observe(seconds)
+            hist = stats.durations[(model, protocol)] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+        hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist[-1] += seconds
 
     def record_local_error(self, code: int, reason: str) -> None:
         self.local_errors.labels(str(code), reason).inc()

@@ -245,8 +245,27 @@ class Exchange:
         self.end_try()
 
 
-def strip_hop_by_hop(head: bytes) -> bytes:
+def clean_response_head(head: bytes) -> bytes:
+    """`head` without hop-by-hop headers; most heads have none or one Connection line."""
+    lower = head.lower()
+    if b"\r\nconnection:" not in lower and not any(m in lower for m in _RESPONSE_HOP_MARKERS[1:]):
+        return head
+    return strip_hop_by_hop(head, lower)
+
+
+def strip_hop_by_hop(head: bytes, lower: bytes | None = None) -> bytes:
     """Drop Connection, Keep-Alive, Upgrade and the headers Connection names from a response head."""
+    if lower is None:
+        lower = head.lower()
+    # The common case, one `Connection: keep-alive` (or close) line and no other hop-by-hop
+    # header, is cut out by offsets: this runs on most responses (nginx, Triton send it).
+    start = lower.find(b"\r\nconnection:")
+    if start >= 0 and not any(
+            m in lower for m in _RESPONSE_HOP_MARKERS[1:]):
+        end = lower.find(b"\r\n", start + 2)
+        value = lower[start + 14:end].strip()
+        if value in (b"keep-alive", b"close") and lower.find(b"\r\nconnection:", end) < 0:
+            return head[:start] + head[end:]
     lines = head[:-4].split(b"\r\n")
     named = set()
     for line in lines[1:]:
@@ -258,6 +277,3 @@ def strip_hop_by_hop(head: bytes) -> bytes:
     return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
-def has_hop_by_hop(head: bytes) -> bool:
-    lower = head.lower()
-    return any(m in lower for m in _RESPONSE_HOP_MARKERS)

@@ -41,7 +41,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self._head = bytearray()
+        self._head = b""
         self._statuses: list[int] = []  # of heads llhttp finished and we have not taken yet
         self._in_head = True
         self._done = self._until_close = self._no_body = False
@@ -97,21 +97,23 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete(self._keep_alive and not self._until_close)
 
     def _take_head(self, sink: ResponseSink, data: bytes) -> None:
-        self._head += data
+        # Most heads arrive whole in one read: work on `data` itself, no buffer copies.
+        buf = self._head + data if self._head else data
         while self._statuses:
             status = self._statuses.pop(0)
-            end = self._head.find(b"\r\n\r\n")
-            head, rest = bytes(self._head[:end + 4]), bytes(self._head[end + 4:])
+            end = buf.find(b"\r\n\r\n") + 4
+            head, rest = bytes(buf[:end]), bytes(buf[end:])
             if status < 200:  # an interim response: drop it, the final one follows
-                self._head = bytearray(rest)
+                buf = rest
                 continue
-            self._head = bytearray()
+            self._head = b""
             self._in_head = False
             self._until_close = (not self._no_body and status not in (204, 304)
                                  and _no_framing(head))
             sink.response_head(head, status, self._until_close, rest)
             return
-        if len(self._head) > MAX_RESPONSE_HEAD:
+        self._head = bytes(buf)
+        if len(buf) > MAX_RESPONSE_HEAD:
             self._fail(UpstreamFailure(f"runtime {self.pool.name} sent a response head over 64 KiB"))
 
     def _complete(self, reusable: bool) -> None:

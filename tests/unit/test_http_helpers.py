@@ -1,5 +1,6 @@
 from meshproxy.errors import NoHealthyUpstream, render_http
-from meshproxy.ingress.http import rewrite_path, strip_hop_by_hop
+from meshproxy.ingress.http import rewrite_path
+from meshproxy.upstream.forwarder import strip_hop_by_hop
 from meshproxy.routing.table import Target
 
 
@@ -8,6 +9,13 @@ def test_response_hop_by_hop_headers_and_the_ones_connection_names_are_dropped()
             b"X-Secret: 1\r\nTransfer-Encoding: chunked\r\nContent-Type: a/b\r\n\r\n")
     assert strip_hop_by_hop(head) == (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: a/b\r\n\r\n")
+
+
+def test_a_lone_keep_alive_line_is_cut_and_the_rest_kept_byte_for_byte():
+    head = b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n"
+    assert strip_hop_by_hop(head) == b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\n\r\n"
+    last = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+    assert strip_hop_by_hop(last) == b"HTTP/1.1 200 OK\r\n\r\n"
 
 
 def test_rewrite_points_the_path_at_the_split_target():
