@@ -18,8 +18,6 @@ import time
 
 from meshproxy.errors import NoHealthyUpstream, Overloaded, ProxyError, UpstreamTimeout
 
-_RESPONSE_HOP_MARKERS = (b"\r\nconnection:", b"\r\nkeep-alive:", b"\r\nproxy-connection:",
-                         b"\r\nupgrade:")
 RESPONSE_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"upgrade"))
 
 
@@ -248,9 +246,10 @@ class Exchange:
 def clean_response_head(head: bytes) -> bytes:
     """`head` without hop-by-hop headers; most heads have none or one Connection line."""
     lower = head.lower()
-    if b"\r\nconnection:" not in lower and not any(m in lower for m in _RESPONSE_HOP_MARKERS[1:]):
-        return head
-    return strip_hop_by_hop(head, lower)
+    if (b"\r\nconnection:" in lower or b"\r\nkeep-alive:" in lower
+            or b"\r\nproxy-connection:" in lower or b"\r\nupgrade:" in lower):
+        return strip_hop_by_hop(head, lower)
+    return head
 
 
 def strip_hop_by_hop(head: bytes, lower: bytes | None = None) -> bytes:
@@ -260,8 +259,8 @@ def strip_hop_by_hop(head: bytes, lower: bytes | None = None) -> bytes:
     # The common case, one `Connection: keep-alive` (or close) line and no other hop-by-hop
     # header, is cut out by offsets: this runs on most responses (nginx, Triton send it).
     start = lower.find(b"\r\nconnection:")
-    if start >= 0 and not any(
-            m in lower for m in _RESPONSE_HOP_MARKERS[1:]):
+    if start >= 0 and not (b"\r\nkeep-alive:" in lower or b"\r\nproxy-connection:" in lower
+                           or b"\r\nupgrade:" in lower):
         end = lower.find(b"\r\n", start + 2)
         value = lower[start + 14:end].strip()
         if value in (b"keep-alive", b"close") and lower.find(b"\r\nconnection:", end) < 0:
