@@ -9,10 +9,14 @@ import random
 
 from meshproxy import __version__
 from meshproxy.admin import build_admin, start_admin
-from meshproxy.config import ProxyConfig
+from meshproxy.config import ConfigError, ProxyConfig, load_file
+from meshproxy.cluster.health import HealthChecker
+from meshproxy.config_watch import FileWatcher
+from meshproxy.ingress import grpc as grpc_ingress
 from meshproxy.ingress.http import HttpConnection, HttpContext
 from meshproxy.routing import table
 from meshproxy.telemetry.metrics import ProxyMetrics
+from meshproxy.upstream.grpc_pool import GrpcChannels
 from meshproxy.upstream.http_pool import HttpPool
 
 log = logging.getLogger("meshproxy")
@@ -27,13 +31,19 @@ class ProxyApp:
     drain_timeout; abort what is left; close upstream pools; stop admin.
     """
 
-    def __init__(self, config: ProxyConfig, metrics: ProxyMetrics | None = None):
+    def __init__(self, config: ProxyConfig, metrics: ProxyMetrics | None = None,
+                 config_path: str | None = None):
         self.config = config
+        self.config_path = config_path  # watched: edits to static_resources apply live
         self.metrics = metrics or ProxyMetrics()
         self.registry = table.EndpointRegistry(attach=self._attach_pool)
         snap, _ = table.build("static", config.runtimes, config.routes, self.registry,
                               config.http.request_timeout)
         self.ctx = HttpContext(config.http, self.metrics, snap, self._local, random.random)
+        self.ctx.outlier.set_clusters(snap.clusters.values())
+        self.health = HealthChecker()
+        self.watcher: FileWatcher | None = None
+        self.watch_interval = 1.0
         self.server: asyncio.Server | None = None
         self.http_port = 0
         self.admin_port = 0
@@ -41,6 +51,9 @@ class ProxyApp:
         self._ticker: asyncio.Task | None = None
         self.discovery = None  # the ADS client when config.dynamic is set
         self.sidecar = None    # the registration stream when config.dynamic.sidecar is set
+        self.grpc_server = None
+        self.grpc_port = 0
+        self.grpc_channels = GrpcChannels(config.grpc.max_message_bytes, config.drain_timeout)
 
     def _attach_pool(self, endpoint) -> None:
         s = self.config.http
@@ -63,14 +76,31 @@ class ProxyApp:
             lambda: HttpConnection(self.ctx), addr.host, addr.port, backlog=2048,
             reuse_address=True)
         self.http_port = self.server.sockets[0].getsockname()[1]
+        if self.config.grpc_address is not None:
+            self.grpc_server, self.grpc_port = await grpc_ingress.start_server(
+                self._grpc_context(), self.config.grpc_address.host,
+                self.config.grpc_address.port, self.config.grpc.max_message_bytes)
         admin = self.config.admin_address
         web_app = build_admin(self)
         if self.discovery is not None:
             web_app.router.add_get("/xds", self._xds_dump)
         self._admin_runner, self.admin_port = await start_admin(web_app, admin.host, admin.port)
         self._ticker = loop.create_task(self._tick())
-        log.info("meshproxy listening: rest=%s:%d admin=%s:%d", addr.host, self.http_port,
-                 admin.host, self.admin_port)
+        self.health.sync(self.ctx.snapshot)
+        if self.config_path is not None:
+            self.watcher = FileWatcher(self.config_path, load_file, self._reload, (ConfigError,),
+                                       self.watch_interval)
+            self.watcher.start()
+        log.info("meshproxy listening: rest=%s:%d grpc=%s admin=%s:%d", addr.host,
+                 self.http_port, f"{self.config.grpc_address.host}:{self.grpc_port}"
+                 if self.grpc_server is not None else "off", admin.host, self.admin_port)
+
+    def _grpc_context(self) -> grpc_ingress.GrpcContext:
+        # The snapshot is read through self.ctx on every call: update() swaps it there.
+        return grpc_ingress.GrpcContext(
+            self.config.http.model_headers, self.config.http.upstream_header, self.metrics,
+            lambda: self.ctx.snapshot, self.ready, random.random, self.grpc_channels,
+            self.ctx.outlier.success, self.ctx.outlier_failure)
 
     def ready(self) -> bool:
         return self.server is not None and not self.ctx.draining
@@ -80,12 +110,24 @@ class ProxyApp:
             await asyncio.sleep(TICK)
             self.ctx.tick()
             self.metrics.downstream_connections.set(len(self.ctx.connections))
+            self.metrics.ejected.set(len(self.ctx.outlier.ejected))
+
+    def _reload(self, config: ProxyConfig) -> None:
+        """A new version of the config file: its resources apply now; listener, admin and http
+        settings need a restart (they are bound or baked into connections)."""
+        if (config.http_address, config.admin_address, config.http) != (
+                self.config.http_address, self.config.admin_address, self.config.http):
+            log.warning("config file: listener, admin and http settings change on restart only")
+        self.update(f"file-{self.watcher.generation}", config.runtimes, config.routes)
 
     def update(self, version: str, runtimes, routes) -> None:
         """Swap in a new snapshot; pools of runtimes that left are closed."""
         snap, gone = table.build(version, runtimes, routes, self.registry,
                                  self.config.http.request_timeout)
         self.ctx.snapshot = snap
+        self.ctx.outlier.set_clusters(snap.clusters.values())
+        if self._ticker is not None:  # started: health loops follow the runtimes
+            self.health.sync(snap)
         for endpoint in gone:
             endpoint.pool.close()
 
@@ -99,14 +141,23 @@ class ProxyApp:
         self.ctx.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout
+        # gRPC stops taking calls now and drains alongside REST, within the same deadline.
+        grpc_stopped = (loop.create_task(self.grpc_server.stop(self.config.drain_timeout))
+                        if self.grpc_server is not None else None)
         while self.ctx.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.ctx.connections):
             conn.abort()
+        if grpc_stopped is not None:
+            await grpc_stopped
+        await self.grpc_channels.close()
         for endpoint in self.registry.endpoints.values():
             endpoint.pool.close()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        await self.health.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

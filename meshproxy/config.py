@@ -46,6 +46,11 @@ class HttpSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrpcSettings:
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
 class ProxyConfig:
     node_id: str
     http_address: Address
@@ -56,6 +61,8 @@ class ProxyConfig:
     routes: tuple[resources_pb2.ModelRoute, ...]
     source: bootstrap_pb2.Bootstrap
     dynamic: DynamicSettings | None = None  # None: static resources only
+    grpc_address: Address | None = None  # None: no gRPC listener
+    grpc: GrpcSettings = GrpcSettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +119,17 @@ def _build(b: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         routes=tuple(b.static_resources.routes),
         source=b,
         dynamic=_dynamic(b),
+        grpc_address=(None if b.listeners.grpc_address == "disabled" else parse_address(
+            b.listeners.grpc_address or "0.0.0.0:8033", "listeners.grpc_address")),
+        grpc=_grpc_settings(b.grpc),
     )
+
+
+def _grpc_settings(g: bootstrap_pb2.GrpcOptions) -> GrpcSettings:
+    size = g.max_message_bytes.value if g.HasField("max_message_bytes") else 64 * 1024 * 1024
+    if not 1024 <= size <= 2**31 - 1:
+        raise ConfigError("grpc.max_message_bytes: must be between 1024 and 2147483647")
+    return GrpcSettings(max_message_bytes=size)
 
 
 def _http_settings(h: bootstrap_pb2.HttpOptions) -> HttpSettings:

@@ -33,8 +33,9 @@ def _port(preferred: int, fixed: bool) -> int:
     return preferred
 
 
-def _config(runtimes: list[DevRuntime], http_port: int, admin_port: int) -> str:
-    lines = [f"listeners: {{http_address: '127.0.0.1:{http_port}'}}",
+def _config(runtimes: list[DevRuntime], http_port: int, admin_port: int, grpc_port: int = 0) -> str:
+    lines = [f"listeners: {{http_address: '127.0.0.1:{http_port}', "
+             f"grpc_address: '127.0.0.1:{grpc_port}'}}",
              f"admin: {{address: '127.0.0.1:{admin_port}'}}",
              "static_resources:", "  runtimes:"]
     for rt in runtimes:
@@ -103,7 +104,8 @@ async def run(once: bool = False) -> None:
             await rt.start()
             runtimes.append(rt)
             print(f"started {name} on 127.0.0.1:{rt.http_port} holding {', '.join(models)}")
-        app = ProxyApp(load_text(_config(runtimes, _port(8008, not once), _port(9901, not once)),
+        app = ProxyApp(load_text(_config(runtimes, _port(8008, not once), _port(9901, not once),
+                                         _port(8033, not once)),
                                  source="demo"))
         await app.start()
         print(f"started meshproxy on 127.0.0.1:{app.http_port} (admin 127.0.0.1:{app.admin_port})\n")

@@ -45,7 +45,7 @@ async def test_check_config_accepts_good_and_names_the_bad_field(tmp_path):
 
 async def test_proxy_with_bad_config_exits_64_before_listening(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("listeners: {http_address: '127.0.0.1:0'}\n"
+    bad.write_text("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
                    "static_resources: {routes: [{model: m, balancer: fastest}]}\n")
     code, out, err = await run("proxy", "-c", str(bad))
     assert code == 64 and "static_resources.routes[0].balancer" in err and "ready" not in out
@@ -58,7 +58,8 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     try:
         rport = (await first_line(runtime, r"http=127\.0\.0\.1:(\d+)")).group(1)
         cfg = tmp_path / "proxy.yaml"
-        cfg.write_text(f"listeners: {{http_address: '127.0.0.1:0'}}\nadmin: {{address: '127.0.0.1:0'}}\n"
+        cfg.write_text(f"listeners: {{http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}}\n"
+                       f"admin: {{address: '127.0.0.1:0'}}\n"
                        f"static_resources: {{runtimes: [{{name: slow, http_address: '127.0.0.1:{rport}', "
                        f"models: [{{name: sum}}]}}]}}\n")
         proxy = await spawn("proxy", "-c", str(cfg))

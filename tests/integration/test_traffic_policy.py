@@ -15,7 +15,8 @@ SUM = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]
 
 
 def config(*entries: str, routes: str = "", extra: str = "") -> str:
-    text = ("listeners: {http_address: '127.0.0.1:0'}\nadmin: {address: '127.0.0.1:0'}\n" + extra
+    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+            "admin: {address: '127.0.0.1:0'}\n" + extra
             + "static_resources:\n  runtimes:\n" + "".join(entries))
     if routes:
         text += "  routes:\n" + "".join("    " + ln + "\n" for ln in routes.strip("\n").splitlines())
@@ -200,3 +201,18 @@ async def test_header_match_routes_to_its_own_target(tmp_path):
                 _, h2, _, _ = await infer(s, p.http_port, headers={"x-canary": "0"})
         assert h1["x-meshproxy-upstream"] == "canary" and b"sum-canary" in b1
         assert h2["x-meshproxy-upstream"] == "stable"
+
+
+async def test_active_health_check_takes_a_not_ready_runtime_out_and_back(tmp_path):
+    async with runtimes(("a", ["sum"]), ("b", ["sum"])) as (a, b):
+        check = "health_check: {interval: 0.05s, timeout: 0.5s, unhealthy_threshold: 2}\n"
+        async with proxy_file(tmp_path / "p.yaml",
+                              config(rt_yaml(a, extra=check), rt_yaml(b, extra=check))) as p:
+            ep = p.ctx.snapshot.endpoints["b"]
+            await b.stop()  # b stops answering /v2/health/ready
+            await eventually(lambda: not ep.healthy)
+            async with aiohttp.ClientSession() as s:
+                served = {(await infer(s, p.http_port))[1]["x-meshproxy-upstream"] for _ in range(20)}
+            assert served == {"a"}
+            await b.start()  # back on the same port
+            await eventually(lambda: ep.healthy)

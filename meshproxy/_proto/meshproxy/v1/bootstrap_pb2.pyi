@@ -95,7 +95,7 @@ class Sidecar(_message.Message):
     def __init__(self, runtime: _Optional[_Union[_resources_pb2.Runtime, _Mapping]] = ..., poll_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Bootstrap(_message.Message):
-    __slots__ = ("node", "listeners", "admin", "http", "static_resources", "dynamic_resources", "drain_timeout")
+    __slots__ = ("node", "listeners", "admin", "http", "static_resources", "dynamic_resources", "drain_timeout", "grpc")
     NODE_FIELD_NUMBER: _ClassVar[int]
     LISTENERS_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class Bootstrap(_message.Message):
     STATIC_RESOURCES_FIELD_NUMBER: _ClassVar[int]
     DYNAMIC_RESOURCES_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    GRPC_FIELD_NUMBER: _ClassVar[int]
     node: Node
     listeners: Listeners
     admin: Admin
@@ -110,4 +111,11 @@ class Bootstrap(_message.Message):
     static_resources: StaticResources
     dynamic_resources: DynamicResources
     drain_timeout: _duration_pb2.Duration
-    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Union[Listeners, _Mapping]] = ..., admin: _Optional[_Union[Admin, _Mapping]] = ..., http: _Optional[_Union[HttpOptions, _Mapping]] = ..., static_resources: _Optional[_Union[StaticResources, _Mapping]] = ..., dynamic_resources: _Optional[_Union[DynamicResources, _Mapping]] = ..., drain_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    grpc: GrpcOptions
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Union[Listeners, _Mapping]] = ..., admin: _Optional[_Union[Admin, _Mapping]] = ..., http: _Optional[_Union[HttpOptions, _Mapping]] = ..., static_resources: _Optional[_Union[StaticResources, _Mapping]] = ..., dynamic_resources: _Optional[_Union[DynamicResources, _Mapping]] = ..., drain_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., grpc: _Optional[_Union[GrpcOptions, _Mapping]] = ...) -> None: ...
+
+class GrpcOptions(_message.Message):
+    __slots__ = ("max_message_bytes",)
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: _wrappers_pb2.UInt32Value
+    def __init__(self, max_message_bytes: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,312 @@
+"""The gRPC data plane against devtools runtimes: tritonclient (in its own process) and grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import textwrap
+
+import grpc
+import pytest
+
+from meshproxy._proto.inference import grpc_service_pb2 as pb
+from meshproxy._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from meshproxy.app import ProxyApp
+from meshproxy.config import load_text
+from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
+from tests.integration.harness import eventually, free_port
+
+SERVICE = "/inference.GRPCInferenceService/"
+
+
+@contextlib.asynccontextmanager
+async def runtimes(*specs: tuple[str, list[str]], **options):
+    """Devtools runtimes with REST and gRPC on free ports."""
+    started = []
+    try:
+        for name, models in specs:
+            rt = DevRuntime(RuntimeOptions(name=name, models=models, http_port=0, grpc_port=0,
+                                           **options))
+            await rt.start()
+            started.append(rt)
+        yield started
+    finally:
+        for rt in started:
+            await rt.stop()
+
+
+def runtime_entry(name: str, http_port: int, grpc_port: int, models: list[str]) -> str:
+    ms = ", ".join("{name: %s}" % m for m in models)
+    return (f"    - name: {name}\n      http_address: 127.0.0.1:{http_port}\n"
+            f"      grpc_address: 127.0.0.1:{grpc_port}\n      models: [{ms}]\n")
+
+
+@contextlib.asynccontextmanager
+async def proxy(rts=(), routes: str = "", extra: str = "", listed=None, dead=None):
+    """A proxy with its gRPC listener on a free port in front of `rts`; `listed` overrides the
+    models a runtime is said to hold; `dead` adds runtimes where nothing listens."""
+    body = "".join(runtime_entry(rt.name, rt.http_port, rt.grpc_port,
+                                 (listed or {}).get(rt.name, rt.loaded_models())) for rt in rts)
+    for name, models in (dead or {}).items():
+        body += runtime_entry(name, free_port(), free_port(), models)
+    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+            "admin: {address: '127.0.0.1:0'}\n" + textwrap.dedent(extra)
+            + "static_resources:\n  runtimes:\n" + body
+            + ("  routes:\n" + textwrap.indent(textwrap.dedent(routes), "    ") if routes else ""))
+    app = ProxyApp(load_text(text))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+@contextlib.asynccontextmanager
+async def stub(app: ProxyApp):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def sum_request(*values: float, model: str = "sum", **fields) -> pb.ModelInferRequest:
+    msg = pb.ModelInferRequest(model_name=model, **fields)
+    t = msg.inputs.add(name="input0", datatype="FP64", shape=[len(values)])
+    t.contents.fp64_contents.extend(values)
+    return msg
+
+
+async def triton(app: ProxyApp, *args: str) -> dict:
+    """Run tests/integration/triton_client.py against the proxy; its JSON answer."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.triton_client", f"127.0.0.1:{app.grpc_port}",
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(15):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await awaitable
+    return info.value
+
+
+def requests_counted(app: ProxyApp, model: str, code: str, runtime: str) -> float:
+    return app.metrics.registry.get_sample_value("meshproxy_requests_total", {
+        "model": model, "protocol": "grpc", "code": code,
+        "code_class": "ok" if code == "OK" else "error", "runtime": runtime}) or 0.0
+
+
+async def test_tritonclient_server_model_and_unary_infer():
+    async with runtimes(("r1", ["identity"]), ("r2", ["sum"])) as rts, proxy(rts) as app:
+        seen = await triton(app, "basics")
+        assert seen == {"live": True, "ready": True, "server": "meshproxy",
+                        "identity_ready": True, "metadata_inputs": ["input0"], "sum": [7.0],
+                        "served_by": "r2", "index": ["identity", "sum"]}
+        assert requests_counted(app, "sum", "OK", "r2") == 2  # metadata and infer
+
+
+async def test_tritonclient_stream_of_100_stays_on_one_runtime():
+    async with runtimes(("r1", ["identity"]), ("r2", ["identity"])) as rts, proxy(rts) as app:
+        seen = (await triton(app, "stream", "100"))["responses"]
+        assert [r["id"] for r in seen] == [str(i) for i in range(100)]
+        assert [r["first"] for r in seen] == [float(i) for i in range(100)]
+        assert len({r["runtime"] for r in seen}) == 1
+        assert requests_counted(app, "identity", "OK", seen[0]["runtime"]) == 1
+
+
+async def test_tritonclient_unknown_model():
+    async with runtimes(("r1", ["identity"])) as rts, proxy(rts) as app:
+        seen = await triton(app, "unknown")
+        assert seen["status"] == "StatusCode.NOT_FOUND"
+        assert "'no-such-model'" in seen["message"]
+
+
+async def test_unary_passes_metadata_and_names_the_runtime():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as app, stub(app) as s:
+        call = s.ModelInfer(sum_request(1, 2, id="q"), metadata=(("x-trace", "t1"),))
+        response = await call
+        assert response.outputs[0].contents.fp64_contents == [3.0] and response.id == "q"
+        initial = dict(await call.initial_metadata())
+        assert initial["x-served-by"] == "r1" and initial["x-meshproxy-upstream"] == "r1"
+
+
+async def test_model_named_only_by_metadata_is_written_into_the_request():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as app, stub(app) as s:
+        response = await s.ModelInfer(sum_request(4, 5, model=""), metadata=(("model", "sum"),))
+        assert response.model_name == "sum" and response.outputs[0].contents.fp64_contents == [9.0]
+
+
+async def test_model_ready_and_metadata_are_routed_by_name():
+    async with runtimes(("r1", ["identity"]), ("r2", ["sum"])) as rts, \
+            proxy(rts, listed={"r1": ["identity"], "r2": ["sum", "loading"]}) as app, \
+            stub(app) as s:
+        assert (await s.ModelReady(pb.ModelReadyRequest(name="sum"))).ready
+        meta = await s.ModelMetadata(pb.ModelMetadataRequest(name="identity"))
+        assert meta.name == "identity" and [i.name for i in meta.inputs] == ["input0"]
+        # Listed but not loaded on r2: r2's own answer comes back.
+        assert not (await s.ModelReady(pb.ModelReadyRequest(name="loading"))).ready
+        err = await rpc_error(s.ModelMetadata(pb.ModelMetadataRequest(name="loading")))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert dict(err.initial_metadata())["x-meshproxy-upstream"] == "r2"
+
+
+async def test_errors_name_the_model():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as app, stub(app) as s:
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="nope")))
+        assert err.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in err.details()
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="")))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "no model" in err.details()
+        err = await rpc_error(s.ModelInfer(sum_request(1), metadata=(("model", "identity"),)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'identity'" in err.details() and "'sum'" in err.details()
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="bad name")))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert requests_counted(app, "", "INVALID_ARGUMENT", "") == 3
+        assert requests_counted(app, "", "NOT_FOUND", "") == 1
+
+
+async def test_unknown_and_unserved_methods():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as app, stub(app) as s:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}")
+        try:
+            err = await rpc_error(channel.unary_unary(SERVICE + "ModelConfig")(b""))
+            assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            await channel.close()
+        err = await rpc_error(s.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="x")))
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert (await s.ServerLive(pb.ServerLiveRequest())).live
+
+
+async def test_no_ready_runtime_and_dead_runtime():
+    async with runtimes(("r1", ["sum"])) as rts, \
+            proxy(rts, dead={"gone": ["lost"]},
+                  routes="- model: later\n- model: lost\n  retry_policy: {num_retries: 1}\n"
+                  ) as app, stub(app) as s:
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="later")))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "'later'" in err.details()
+        assert not (await s.ModelReady(pb.ModelReadyRequest(name="later"))).ready
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="lost")))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "'lost'" in err.details() and "gone" in err.details()
+
+
+async def test_split_rewrites_the_model_in_the_request():
+    routes = "- model: adder\n  targets: [{model: sum, weight: 1}]\n"
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts, routes=routes) as app, \
+            stub(app) as s:
+        response = await s.ModelInfer(sum_request(2, 2, model="adder", model_version="7"))
+        assert response.model_name == "sum" and response.outputs[0].contents.fp64_contents == [4]
+        first = None
+
+        async def messages():
+            for i in range(3):
+                yield sum_request(i, 1, model="adder", id=str(i))
+
+        async for reply in s.ModelStreamInfer(messages()):
+            first = first or reply
+            assert reply.error_message == "" and reply.infer_response.model_name == "sum"
+        assert first is not None
+
+
+async def test_stream_with_a_message_for_another_model_ends_invalid():
+    async with runtimes(("r1", ["sum", "identity"])) as rts, proxy(rts) as app, stub(app) as s:
+        async def messages():
+            yield sum_request(1)
+            yield sum_request(2, model="identity")
+
+        call = s.ModelStreamInfer(messages())
+        replies = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for reply in call:
+                replies.append(reply)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'identity'" in info.value.details()
+        assert [r.infer_response.outputs[0].contents.fp64_contents[0] for r in replies] == [1.0]
+
+
+async def test_deadlines_expire():
+    routes = "- model: identity\n  timeout: 0.2s\n"
+    async with runtimes(("r1", ["sum", "identity"]), latency_ms=1000) as rts, \
+            proxy(rts, routes=routes) as app, stub(app) as s:
+        err = await rpc_error(s.ModelInfer(sum_request(1), timeout=0.2))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="identity")))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "'identity'" in err.details()
+
+
+async def test_trailers_and_binary_metadata_pass_both_ways():
+    """A raw upstream echoes the metadata it got: hop-by-hop entries are gone, -bin survive."""
+
+    async def echo(message: bytes, context: grpc.aio.ServicerContext):
+        got = {k: v for k, v in context.invocation_metadata()}
+        await context.send_initial_metadata((("x-seen", ",".join(sorted(got))),))
+        context.set_trailing_metadata((("x-tag-bin", got.get("x-tag-bin", b"")),
+                                       ("x-note", "fine")))
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details("too much")
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(echo)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        class Fake:
+            name, http_port, grpc_port = "raw", free_port(), port
+
+            def loaded_models(self):
+                return ["echo"]
+
+        async with proxy([Fake()], routes="- model: echo\n  retry_policy: {num_retries: 0}\n") \
+                as app, stub(app) as s:
+            call = s.ModelInfer(sum_request(1, model="echo"),
+                                metadata=(("x-tag-bin", b"\x00\xff"), ("x-user", "u")))
+            err = await rpc_error(call)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.details() == "too much"
+            seen = dict(err.initial_metadata())["x-seen"].split(",")
+            assert "x-tag-bin" in seen and "x-user" in seen
+            assert not {"te", "content-type", "grpc-timeout"} & set(seen)
+            trailers = dict(err.trailing_metadata())
+            assert trailers["x-tag-bin"] == b"\x00\xff" and trailers["x-note"] == "fine"
+    finally:
+        await server.stop(None)
+
+
+async def test_runtime_stopped_under_load_fails_no_unary_call():
+    async with runtimes(("r1", ["identity"]), ("r2", ["identity"])) as rts, \
+            proxy(rts) as app, stub(app) as s:
+        done = {"r1": 0, "r2": 0}
+        failures = []
+        stop = asyncio.Event()
+
+        async def client():
+            while not stop.is_set():
+                try:
+                    reply = await s.ModelInfer(sum_request(1, model="identity"), timeout=5)
+                    done[reply.parameters["runtime"].string_param] += 1
+                except grpc.aio.AioRpcError as e:
+                    failures.append(e)
+
+        # Three at a time: the default retry budget lets three retries run at once.
+        clients = [asyncio.create_task(client()) for _ in range(3)]
+        try:
+            await eventually(lambda: min(done.values()) >= 10, timeout=10)
+            await rts[0].stop()
+            after = done["r2"]
+            await eventually(lambda: done["r2"] >= after + 100, timeout=10)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        assert failures == []
+        assert app.metrics.registry.get_sample_value(
+            "meshproxy_retries_total", {"model": "identity", "reason": "connect-failure"}) \
+            or app.metrics.registry.get_sample_value(
+                "meshproxy_retries_total", {"model": "identity", "reason": "unavailable"})
