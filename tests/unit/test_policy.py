@@ -179,3 +179,13 @@ def test_least_request_prefers_less_loaded():
     rnd = random.Random(0).random
     picks = collections.Counter(lb.pick(rnd).name for _ in range(1000))
     assert picks["r1"] > 700  # b wins every draw that sees both
+
+
+def test_health_state_needs_thresholds_in_a_row():
+    from meshproxy.cluster.health import HealthSettings, HealthState
+    s = HealthState(HealthSettings(unhealthy_threshold=2, healthy_threshold=3))
+    assert not s.record(False) and s.healthy  # one failure is not enough
+    assert not s.record(True) and not s.record(False) and s.healthy  # the run was broken
+    assert s.record(False) and not s.healthy
+    assert not s.record(True) and not s.record(True) and not s.healthy
+    assert s.record(True) and s.healthy

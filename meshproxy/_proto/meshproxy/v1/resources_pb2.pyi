@@ -91,18 +91,16 @@ class OutlierDetection(_message.Message):
     def __init__(self, consecutive_5xx: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., consecutive_gateway_failure: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., base_ejection_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ejection_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ejection_percent: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ...) -> None: ...
 
 class HealthCheck(_message.Message):
-    __slots__ = ("interval", "timeout", "unhealthy_threshold", "healthy_threshold", "check_models")
+    __slots__ = ("interval", "timeout", "unhealthy_threshold", "healthy_threshold")
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     UNHEALTHY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
-    CHECK_MODELS_FIELD_NUMBER: _ClassVar[int]
     interval: _duration_pb2.Duration
     timeout: _duration_pb2.Duration
     unhealthy_threshold: _wrappers_pb2.UInt32Value
     healthy_threshold: _wrappers_pb2.UInt32Value
-    check_models: bool
-    def __init__(self, interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., unhealthy_threshold: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., healthy_threshold: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., check_models: _Optional[bool] = ...) -> None: ...
+    def __init__(self, interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., unhealthy_threshold: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., healthy_threshold: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ...) -> None: ...
 
 class CircuitBreakers(_message.Message):
     __slots__ = ("max_connections", "max_pending_requests", "max_requests")
