@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 import textwrap
 
 import aiohttp
@@ -18,7 +19,7 @@ from meshproxy.control.config import load_file as load_cp_file, load_text as loa
 from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
 from meshproxy.discovery.state import ROUTE_TYPE, RUNTIME_TYPE
 from meshproxy.errors import ProxyError
-from tests.integration.harness import eventually
+from tests.integration.harness import eventually, free_port
 
 POLL = 0.2
 GRACE = 0.6
@@ -159,13 +160,44 @@ async def test_a_runtime_that_stops_answering_loses_its_models_after_the_grace()
             await back.stop()
 
 
-async def test_control_plane_down_under_load_fails_no_request_and_proxies_resync():
+async def proxies_view(admin_port: int, predicate, timeout: float = 10.0) -> list:
+    """/proxies of a control plane, polled until `predicate(rows)` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            rows = (await admin_json(admin_port, "/proxies"))["proxies"]
+            if predicate(rows):
+                return rows
+        except aiohttp.ClientError:
+            pass
+        assert asyncio.get_running_loop().time() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def control_plane_process(text: str, tmp_path):
+    """`meshproxy control-plane` as a real process; yields it once it printed its ready line."""
+    path = tmp_path / "cp.yaml"
+    path.write_text(text)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshproxy", "--log-level", "warning", "control-plane", "-c",
+        str(path), stdout=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"ready" in line, line
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_control_plane_killed_under_load_fails_no_request_and_proxies_resync(tmp_path):
     async with runtimes(("r1", ["identity", "sum"]), ("r2", ["sum"])) as (r1, r2):
-        text = cp_yaml([r1, r2])
-        cp = ControlPlaneApp(load_cp(text))
-        await cp.start()
-        port = cp.grpc_port
-        async with proxies(port) as apps:
+        port, admin = free_port(), free_port()
+        text = cp_yaml([r1, r2], port=port).replace("admin_address: 127.0.0.1:0",
+                                                    f"admin_address: 127.0.0.1:{admin}")
+        async with control_plane_process(text, tmp_path) as cp, proxies(port) as apps:
             await eventually(lambda: all(routes(a, "sum") == {"r1", "r2"} for a in apps), 10)
             results: list[int] = []
             stop = asyncio.Event()
@@ -176,31 +208,28 @@ async def test_control_plane_down_under_load_fails_no_request_and_proxies_resync
                         results.append((await infer(s, app, "sum"))[0])
 
             drivers = [asyncio.ensure_future(load(a)) for a in apps for _ in range(2)]
-            await eventually(lambda: len(results) > 20, timeout=5)
-            await cp.stop()
-            await eventually(lambda: all(a.discovery.connected_to is None for a in apps), 5)
-            during = len(results)
-            await eventually(lambda: len(results) > during + 50, timeout=5)
-
-            cp = ControlPlaneApp(load_cp(cp_yaml([r1, r2], port=port)))
-            await cp.start()
             try:
-                await eventually(lambda: len(cp.proxies.statuses) == 2, timeout=5)
-                # Delta resubscribed with what it held, sotw with its version: nothing resent.
-                await eventually(lambda: all(RUNTIME_TYPE in st.types
-                                             for st in cp.proxies.statuses.values()), timeout=5)
-                delta = [st for st in cp.proxies.statuses.values() if st.protocol == "delta"]
-                assert delta[0].responses == 0
-                async with aiohttp.ClientSession() as s:
-                    async with s.post(f"http://127.0.0.1:{r2.http_port}"
-                                      "/v2/repository/models/identity/load"):
-                        pass
-                await eventually(lambda: all(routes(a, "identity") == {"r1", "r2"}
-                                             for a in apps), timeout=2)
+                await eventually(lambda: len(results) > 20, timeout=5)
+                cp.kill()
+                await cp.wait()
+                await eventually(lambda: all(a.discovery.connected_to is None for a in apps), 5)
+                during = len(results)
+                await eventually(lambda: len(results) > during + 50, timeout=5)
+                async with control_plane_process(text, tmp_path):
+                    view = await proxies_view(admin, lambda v: len(v) == 2 and all(
+                        RUNTIME_TYPE in p["types"] for p in v))
+                    # Delta resubscribed with what it held and was sent nothing
+                    delta = [p for p in view if p["protocol"] == "delta"]
+                    assert len(delta) == 1 and delta[0]["responses"] == 0
+                    async with aiohttp.ClientSession() as s:
+                        async with s.post(f"http://127.0.0.1:{r2.http_port}"
+                                          "/v2/repository/models/identity/load"):
+                            pass
+                    await eventually(lambda: all(routes(a, "identity") == {"r1", "r2"}
+                                                 for a in apps), timeout=3)
             finally:
                 stop.set()
                 await asyncio.gather(*drivers)
-                await cp.stop()
         assert len(results) > 100
         assert set(results) == {200}, f"{len(results) - results.count(200)} failed"
 
