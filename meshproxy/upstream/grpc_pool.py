@@ -58,6 +58,11 @@ class GrpcChannels:
             # The proxy retries by its own policy; grpc's transparent retries stay on.
             ("grpc.enable_retries", 1),
             ("grpc.keepalive_time_ms", 60_000),
+            # A runtime that comes back is found within a second, not after grpc's 2-minute
+            # reconnect backoff (calls fail fast meanwhile and are retried elsewhere).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
             # Each runtime gets its own connection, not one shared through the global pool.
             ("grpc.use_local_subchannel_pool", 1),
         ]

@@ -216,6 +216,19 @@ async def test_split_rewrites_the_model_in_the_request():
         assert first is not None
 
 
+async def test_header_rule_on_metadata_picks_the_canary():
+    routes = ("- model: sum\n  matches:\n  - headers: [{name: x-canary, exact: '1'}]\n"
+              "    targets: [{model: sum-canary}]\n")
+    async with runtimes(("stable", ["sum"]), ("canary", ["sum-canary"])) as rts, \
+            proxy(rts, routes=routes) as app, stub(app) as s:
+        canary = s.ModelInfer(sum_request(1, 1), metadata=(("x-canary", "1"),))
+        assert (await canary).model_name == "sum-canary"
+        assert dict(await canary.initial_metadata())["x-meshproxy-upstream"] == "canary"
+        stable = s.ModelInfer(sum_request(1, 1), metadata=(("x-canary", "0"),))
+        assert (await stable).model_name == "sum"
+        assert dict(await stable.initial_metadata())["x-meshproxy-upstream"] == "stable"
+
+
 async def test_stream_with_a_message_for_another_model_ends_invalid():
     async with runtimes(("r1", ["sum", "identity"])) as rts, proxy(rts) as app, stub(app) as s:
         async def messages():

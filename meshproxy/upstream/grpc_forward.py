@@ -1,0 +1,258 @@
+"""gRPC forwarding: a routed call's tries on the runtimes' channels, retries, and the relay back.
+
+How it works: `unary` picks an endpoint (least-request, circuit-breaker limits as on REST),
+sends the bytes on that runtime's channel with the deadline left (the client's, capped by the
+route timeout and the per-try timeout) and relays the answer: the runtime's initial metadata
+plus x-meshproxy-upstream, the message, and trailers. A try that ended without an answer the
+client may see yet (for a unary call: any try) is tried again when the route's retry policy
+names its status (UNAVAILABLE, RESOURCE_EXHAUSTED, ...) or a connect failure, the retry budget
+allows it and the deadline leaves room for the backoff; the next try goes to another runtime
+when there is one. Otherwise the runtime's own status, details and trailers go back as they
+came, except that a runtime never reached (UNAVAILABLE with no response metadata) or a route
+deadline that ran out become the proxy's own errors naming the model. `stream` pins a
+ModelStreamInfer stream to one runtime and relays both ways; each try reports to outlier
+detection with the HTTP status Envoy maps the gRPC one to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from meshproxy.errors import (NoHealthyUpstream, Overloaded, ProxyError, UpstreamFailure,
+                              UpstreamTimeout)
+from meshproxy.routing.split import unit_hash
+from meshproxy.upstream.retry import CONNECT_FAILURE
+
+UPSTREAM_KEY = "x-meshproxy-upstream"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+# gRPC status -> the HTTP status outlier detection counts (Envoy's grpcToHttpStatus).
+_AS_HTTP = {"UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "INTERNAL": 500, "UNKNOWN": 500,
+            "DATA_LOSS": 500, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 404}
+_OK = grpc.StatusCode.OK
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class StreamOutcome:
+    """How a relayed stream ended, for the listener's metrics."""
+
+    __slots__ = ("code", "runtime")
+
+    def __init__(self) -> None:
+        self.code = "OK"
+        self.runtime = ""
+
+
+class GrpcForwarder:
+    """Sends routed calls upstream; `ctx` is the listener's GrpcContext."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def pick(self, balancer, model: str, target, key, exclude=None):
+        """An endpoint with a channel and room for one more call, or the ProxyError why not."""
+        ctx = self.ctx
+        endpoint = (balancer.pick(ctx.rnd, exclude, key) if exclude is not None else None) \
+            or balancer.pick(ctx.rnd, None, key)
+        if endpoint is None:
+            raise NoHealthyUpstream(f"model {target.model!r} has no healthy runtime", model)
+        if endpoint.active >= endpoint.limits.max_requests:
+            other = balancer.pick(ctx.rnd, endpoint, key)
+            if other is None or other.active >= other.limits.max_requests:
+                ctx.metrics.record_overflow(endpoint.name, "requests")
+                raise Overloaded(f"model {model!r}: every runtime holding it is at its "
+                                 f"request limit", model)
+            endpoint = other
+        return endpoint
+
+    def channel(self, snapshot, endpoint, target, model: str):
+        channel = self.ctx.channels.get(snapshot, endpoint)
+        if channel is None:
+            raise NoHealthyUpstream(f"model {target.model!r}: runtime {endpoint.name} has no "
+                                    f"gRPC address", model)
+        return channel
+
+    @staticmethod
+    def hash_key(req, target) -> float | None:
+        route = target.route
+        if route is None or not route.hash_header:
+            return None
+        value = req.header_of(route.hash_header)
+        return unit_hash(value) if value is not None else None
+
+    # -- unary
+    async def unary(self, method: str, req, snapshot, target, balancer, context):
+        """Forward one unary call with retries; (response or None, runtime, status name)."""
+        ctx = self.ctx
+        message = req.upstream_message(target)
+        metadata = req.forwarded_metadata(target)
+        key = self.hash_key(req, target)
+        policy, budget = target.retry, target.budget
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = loop.time() + (target.timeout if remaining is None
+                                  else min(remaining, target.timeout))
+        budget.active_requests += 1
+        retrying = False
+        endpoint = None
+        tries = 0
+        try:
+            while True:
+                endpoint = self.pick(balancer, req.model, target, key, endpoint)
+                channel = self.channel(snapshot, endpoint, target, req.model)
+                left = deadline - loop.time()
+                if policy.per_try_timeout is not None:
+                    left = min(left, policy.per_try_timeout)
+                call, err = await self._try(channel.unary(method), message, metadata, left,
+                                            endpoint)
+                if err is None:
+                    return await self._relay_ok(context, call, endpoint), endpoint.name, "OK"
+                reason = self._retry_reason(err, policy, deadline - loop.time())
+                if reason is not None and tries < policy.num_retries and not (
+                        retrying or budget.allows(policy)):
+                    ctx.metrics.record_budget_exhausted(req.model)
+                    reason = None
+                pause = policy.backoff(tries + 1, ctx.rnd)
+                if reason is None or tries >= policy.num_retries \
+                        or pause >= deadline - loop.time():
+                    code = await self.relay_error(context, err, req.model, endpoint,
+                                                  deadline - loop.time())
+                    return None, endpoint.name, code
+                tries += 1
+                ctx.metrics.record_retry(req.model, reason)
+                if not retrying:
+                    retrying = True
+                    budget.active_retries += 1
+                await asyncio.sleep(pause)
+        finally:
+            budget.active_requests -= 1
+            if retrying:
+                budget.active_retries -= 1
+
+    async def _try(self, callable_, message: bytes, metadata, timeout: float, endpoint):
+        """One call to one runtime: (call, None) when it answered, else (call, its AioRpcError)."""
+        endpoint.active += 1
+        endpoint.total += 1
+        call = callable_(message, timeout=max(timeout, 0.0), metadata=metadata)
+        try:
+            await call
+        except grpc.aio.AioRpcError as e:
+            self._report(endpoint, e.code())
+            return call, e
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            endpoint.active -= 1
+        self.ctx.outlier_success(endpoint)
+        return call, None
+
+    def _report(self, endpoint, code: grpc.StatusCode) -> None:
+        status = _AS_HTTP.get(code.name)
+        if status is not None:
+            self.ctx.outlier_failure(endpoint, status)
+
+    @staticmethod
+    def _retry_reason(err: grpc.aio.AioRpcError, policy, left: float) -> str | None:
+        if left <= 0:
+            return None
+        code = err.code()
+        if code is _UNAVAILABLE and not err.initial_metadata():
+            return policy.on_failure(CONNECT_FAILURE) or policy.on_grpc_status("UNAVAILABLE")
+        return policy.on_grpc_status(code.name)
+
+    async def _send_initial(self, context, initial, endpoint) -> None:
+        if self.ctx.upstream_header:
+            await context.send_initial_metadata((*(initial or ()), (UPSTREAM_KEY, endpoint.name)))
+        elif initial:
+            await context.send_initial_metadata(tuple(initial))
+
+    async def _relay_ok(self, context, call, endpoint) -> bytes:
+        """Send the runtime's initial metadata and trailers; return its answer."""
+        response = await call
+        await self._send_initial(context, await call.initial_metadata(), endpoint)
+        trailers = await call.trailing_metadata()
+        if trailers:
+            context.set_trailing_metadata(tuple(trailers))
+        return response
+
+    async def relay_error(self, context, err: grpc.aio.AioRpcError, model: str, endpoint,
+                          left: float) -> str:
+        """End the call as the runtime ended it, or with the proxy's own error when there was no
+        answer (connect failure, the route's deadline); returns the status name."""
+        code = err.code()
+        initial = err.initial_metadata()
+        if code is _UNAVAILABLE and not initial:
+            raise UpstreamFailure(f"model {model!r}: runtime {endpoint.name} is unavailable: "
+                                  f"{err.details()}", model)
+        if code is _DEADLINE and left <= 0.001:
+            raise UpstreamTimeout(f"model {model!r}: runtime {endpoint.name} did not answer "
+                                  f"in time", model)
+        await self._send_initial(context, initial, endpoint)
+        trailers = err.trailing_metadata()
+        if trailers:
+            context.set_trailing_metadata(tuple(trailers))
+        context.set_code(code)
+        context.set_details(err.details() or "")
+        return code.name
+
+    # -- the stream
+    async def stream(self, req, first, requests, snapshot, target, balancer, context,
+                     outcome: StreamOutcome):
+        """Relay a ModelStreamInfer stream on one runtime; yields the runtime's messages."""
+        endpoint = self.pick(balancer, req.model, target, self.hash_key(req, target))
+        channel = self.channel(snapshot, endpoint, target, req.model)
+        outcome.runtime = endpoint.name
+        pump = StreamPump(req, target, first, requests)
+        endpoint.active += 1
+        endpoint.total += 1
+        call = channel.stream(STREAM_METHOD)(pump.messages(), timeout=context.time_remaining(),
+                                             metadata=req.forwarded_metadata(target))
+        try:
+            await self._send_initial(context, await call.initial_metadata(), endpoint)
+            async for response in call:
+                yield response
+            if pump.error is not None:
+                raise pump.error
+            code = await call.code()
+            trailers = await call.trailing_metadata()
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
+            if code is not _OK:
+                context.set_code(code)
+                context.set_details(await call.details() or "")
+            outcome.code = code.name
+        except grpc.aio.AioRpcError as e:
+            if pump.error is not None:
+                raise pump.error from None
+            outcome.code = await self.relay_error(context, e, req.model, endpoint, 1.0)
+        finally:
+            endpoint.active -= 1
+            if not call.done():
+                call.cancel()
+
+
+class StreamPump:
+    """The client's messages on their way to the runtime: each must name the stream's model
+    (or none); a split's target is written in. A message naming another model, or not valid
+    protobuf, half-closes the upstream stream and is kept in `error`: the client gets the
+    answers to the messages before it, then INVALID_ARGUMENT."""
+
+    def __init__(self, req, target, first: bytes | None, requests):
+        self.req = req
+        self.target = target
+        self.first = first
+        self.requests = requests
+        self.error: ProxyError | None = None
+
+    async def messages(self):
+        try:
+            if self.first is not None:
+                yield self.req.for_message(self.first).upstream_message(self.target)
+                self.first = None
+            async for message in self.requests:
+                yield self.req.for_message(message).upstream_message(self.target)
+        except ProxyError as err:
+            self.error = err  # ends the request stream here; grpc half-closes the call
