@@ -46,6 +46,9 @@ def build_admin(app) -> web.Application:
                 "weight": e.weight if e else 1, "active_requests": e.active if e else 0,
                 "requests_total": e.total if e else 0,
                 "healthy": e.healthy if e else False,
+                "health_check_ok": e.checked_ok if e else False,
+                "ejected": e.ejected if e else False,
+                "times_ejected": e.times_ejected if e else 0,
                 "idle_connections": len(e.pool.idle) if e and e.pool else 0,
             })
         return _json({"version": snap.version, "endpoints": rows})
