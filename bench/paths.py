@@ -168,6 +168,7 @@ def start_envoy(env: Env) -> tuple[Proc, str]:
 _MESHPROXY_YAML = """\
 listeners:
   http_address: 127.0.0.1:{port}
+  grpc_address: disabled
 admin:
   address: 127.0.0.1:{admin}
 static_resources:
