@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="three runtimes and a proxy, a few requests, a table")
     p.add_argument("--once", action="store_true", help="exit after printing the table")
+    p.add_argument("--control-plane", action="store_true",
+                   help="with a control plane: discovery, a model loaded live")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return _control_plane(args.config)
     if args.command == "runtime":
         return _run(devruntime.serve(devruntime.options_from_args(args)))
+    if args.control_plane:
+        from meshproxy.control import demo as cp_demo
+        return _run(cp_demo.run(once=args.once))
     from meshproxy.devtools import demo
     return _run(demo.run(once=args.once))
 

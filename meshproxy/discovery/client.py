@@ -94,7 +94,7 @@ class AdsClient:
     async def _session(self, address: str) -> None:
         """One stream, until the server ends it or it fails."""
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+            await connect(channel)
             stub = discovery_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = (stub.DeltaAggregatedResources() if self.settings.delta
                     else stub.StreamAggregatedResources())
@@ -124,6 +124,11 @@ class AdsClient:
         self.updates += 1
         if self.on_update is not None:
             self.on_update()
+
+    def set_static(self, runtimes, routes) -> None:
+        """The bootstrap's static resources changed: apply them next to the dynamic ones."""
+        self.state.set_static(runtimes, routes)
+        self._apply()
 
     # --- the snapshot on disk ---------------------------------------------------------------
 
@@ -157,6 +162,18 @@ class AdsClient:
         return {"connected_to": self.connected_to, "streams_opened": self.streams,
                 "protocol": "delta" if self.settings.delta else "sotw",
                 "snapshot_version": self.state.version(), "types": self.state.dump()}
+
+
+async def connect(channel: grpc.aio.Channel) -> None:
+    """Wait until the channel is READY; fail at once on a refused connection (so failover to
+    the next address is quick), or after CONNECT_TIMEOUT."""
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                raise ConnectionError("cannot connect")
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
 
 
 def _reason(e: BaseException) -> str:

@@ -200,8 +200,14 @@ class SubscriptionState:
         return self._merged(ROUTE_TYPE)
 
     def _merged(self, type_url: str) -> list:
-        dynamic = self.types[type_url].resources
-        return [*self.static[type_url].values(), *(dynamic[n][1] for n in sorted(dynamic))]
+        static, dynamic = self.static[type_url], self.types[type_url].resources
+        return [*static.values(), *(dynamic[n][1] for n in sorted(dynamic) if n not in static)]
+
+    def set_static(self, runtimes: Iterable[resources_pb2.Runtime],
+                   routes: Iterable[resources_pb2.ModelRoute]) -> None:
+        """New static resources (the bootstrap file was edited); on a name clash static wins."""
+        self.static = {RUNTIME_TYPE: {r.name: r for r in runtimes},
+                       ROUTE_TYPE: {r.model: r for r in routes}}
 
     def version(self) -> str:
         """The snapshot version: each type's accepted version."""

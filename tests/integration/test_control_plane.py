@@ -292,3 +292,83 @@ async def test_a_sidecar_registered_runtime_appears_and_disappears_with_its_stre
         closed = loop.time()
         await eventually(lambda: routes(gateway, "mnist") == set(), timeout=GRACE + 2)
         assert loop.time() - closed >= GRACE - 0.1
+
+
+async def test_failover_and_a_saved_snapshot_serve_while_no_control_plane_answers(tmp_path):
+    snapshot = tmp_path / "xds.json"
+    extra = f"snapshot_path: '{snapshot}'\n"
+    async with runtimes(("r1", ["sum"])) as (r1,):
+        async with control_plane(cp_yaml([r1])) as cp:
+            dead = free_port()
+            app = ProxyApp(load_proxy(
+                "listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+                "admin: {address: '127.0.0.1:0'}\n"
+                f"dynamic_resources:\n  ads_addresses: ['127.0.0.1:{dead}', "
+                f"'127.0.0.1:{cp.grpc_port}']\n  initial_backoff: 0.05s\n  max_backoff: 0.1s\n"
+                f"  {extra}"))
+            await app.start()
+            try:
+                await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+                assert app.discovery.connected_to == f"127.0.0.1:{cp.grpc_port}"
+                await eventually(snapshot.exists, timeout=2)
+            finally:
+                await app.stop()
+        # No control plane at all now: a restarted proxy serves what it saved.
+        async with proxies(free_port(), ["DELTA"], extra=extra) as (again,):
+            assert routes(again, "sum") == {"r1"}
+            async with aiohttp.ClientSession() as s:
+                assert await infer(s, again, "sum") == (200, "r1")
+
+
+async def test_kserve_dialect_is_polled_with_v2_models_and_model_ready():
+    from aiohttp import web
+    ready = {"a": True, "b": False}
+
+    async def models(_):
+        return web.json_response({"models": sorted(ready)})
+
+    async def model_ready(request):
+        return web.json_response({}, status=200 if ready[request.match_info["m"]] else 503)
+
+    async def health(_):
+        return web.json_response({"ready": True})
+
+    fake = web.Application()
+    fake.router.add_get("/v2/health/ready", health)
+    fake.router.add_get("/v2/models", models)
+    fake.router.add_get("/v2/models/{m}/ready", model_ready)
+    runner = web.AppRunner(fake)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    text = (f"grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
+            f"  poll_interval: {POLL}s\n  runtimes:\n"
+            f"    - {{name: ks, http_address: '127.0.0.1:{port}', dialect: KSERVE}}\n")
+    try:
+        async with control_plane(text) as cp:
+            def models_of_ks():
+                entry = cp.cache.get(RUNTIME_TYPE).entries.get("ks")
+                return [m.name for m in entry.message.models] if entry else None
+            await eventually(lambda: models_of_ks() == ["a"], timeout=3)
+            ready["b"] = True
+            await eventually(lambda: models_of_ks() == ["a", "b"], timeout=3)
+            async with aiohttp.ClientSession() as s, \
+                    s.get(f"http://127.0.0.1:{cp.admin_port}/metrics") as resp:
+                text = await resp.text()
+            assert 'meshproxy_cp_runtime_polls_total{result="ok",runtime="ks"}' in text
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_control_plane_demo_shows_traffic_moving_to_a_model_loaded_live():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshproxy", "--log-level", "warning", "demo", "--control-plane",
+        "--once", stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    lines = out.decode().splitlines()
+    loaded = next(line for line in lines if line.startswith("sum loaded on runtime-c"))
+    assert "runtime-c x" in loaded
+    unloaded = next(line for line in lines if line.startswith("sum unloaded from runtime-a"))
+    assert "runtime-a" not in unloaded.split("sum", 2)[2]

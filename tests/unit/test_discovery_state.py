@@ -129,3 +129,10 @@ def test_a_saved_snapshot_restores_versions_and_resources():
     (20, 0.0, 15.0), (20, 1.0, 30.0), (500, 0.5, 22.5)])
 def test_reconnect_delay_is_jittered_exponential_between_500ms_and_30s(attempt, rnd, expected):
     assert reconnect_delay(attempt, 0.5, 30.0, rnd) == pytest.approx(expected)
+
+
+def test_edited_static_resources_sit_next_to_the_dynamic_ones_and_win_a_name_clash():
+    s = SubscriptionState(NODE, delta=True)
+    s.handle(delta("n1", runtime("a", "m"), runtime("b", "m")), 0)
+    s.set_static([runtime("b", "static")], [])
+    assert [(r.name, r.models[0].name) for r in s.runtimes()] == [("b", "static"), ("a", "m")]
