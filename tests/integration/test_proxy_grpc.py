@@ -216,6 +216,22 @@ async def test_split_rewrites_the_model_in_the_request():
         assert first is not None
 
 
+async def test_message_size_limit_and_a_listener_turned_off():
+    async with runtimes(("r1", ["identity"])) as rts, \
+            proxy(rts, extra="grpc: {max_message_bytes: 2048}\n") as app, stub(app) as s:
+        err = await rpc_error(s.ModelInfer(sum_request(*range(400), model="identity")))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await s.ModelInfer(sum_request(1.0, model="identity"))).model_name == "identity"
+    off = load_text("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
+                    "admin: {address: '127.0.0.1:0'}\n")
+    app = ProxyApp(off)
+    await app.start()
+    try:
+        assert app.grpc_server is None and app.grpc_port == 0
+    finally:
+        await app.stop()
+
+
 async def test_header_rule_on_metadata_picks_the_canary():
     routes = ("- model: sum\n  matches:\n  - headers: [{name: x-canary, exact: '1'}]\n"
               "    targets: [{model: sum-canary}]\n")
