@@ -118,6 +118,9 @@ class ProxyApp:
         if (config.http_address, config.admin_address, config.http) != (
                 self.config.http_address, self.config.admin_address, self.config.http):
             log.warning("config file: listener, admin and http settings change on restart only")
+        if self.discovery is not None:  # static resources sit next to the dynamic ones
+            self.discovery.set_static(config.runtimes, config.routes)
+            return
         self.update(f"file-{self.watcher.generation}", config.runtimes, config.routes)
 
     def update(self, version: str, runtimes, routes) -> None:

@@ -372,3 +372,24 @@ async def test_the_control_plane_demo_shows_traffic_moving_to_a_model_loaded_liv
     assert "runtime-c x" in loaded
     unloaded = next(line for line in lines if line.startswith("sum unloaded from runtime-a"))
     assert "runtime-a" not in unloaded.split("sum", 2)[2]
+
+
+async def test_editing_the_proxy_file_keeps_the_dynamic_resources(tmp_path):
+    async with runtimes(("r1", ["sum"]), ("r2", ["mnist"])) as (r1, r2), \
+            control_plane(cp_yaml([r1])) as cp:
+        path = tmp_path / "proxy.yaml"
+        base = ("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+                "admin: {address: '127.0.0.1:0'}\n"
+                f"dynamic_resources: {{ads_addresses: ['127.0.0.1:{cp.grpc_port}']}}\n")
+        path.write_text(base)
+        app = ProxyApp(load_proxy(base), config_path=str(path))
+        app.watch_interval = 0.05
+        await app.start()
+        try:
+            await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+            path.write_text(base + "static_resources:\n  runtimes:\n    - {name: r2, "
+                            f"http_address: '127.0.0.1:{r2.http_port}', models: [{{name: mnist}}]}}\n")
+            await eventually(lambda: routes(app, "mnist") == {"r2"}, timeout=5)
+            assert routes(app, "sum") == {"r1"}
+        finally:
+            await app.stop()
