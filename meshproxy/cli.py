@@ -76,8 +76,10 @@ def _proxy(path: str) -> int:
             await app.start()
         except OSError as e:
             raise SystemExit(f"meshproxy: cannot listen: {e}") from None
+        grpc_at = (f"{config.grpc_address.host}:{app.grpc_port}" if app.grpc_server is not None
+                   else "disabled")
         print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
-              f"admin={config.admin_address.host}:{app.admin_port}", flush=True)
+              f"admin={config.admin_address.host}:{app.admin_port} grpc={grpc_at}", flush=True)
         try:
             await _until_signalled()
         finally:

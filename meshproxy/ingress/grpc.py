@@ -191,12 +191,12 @@ class InferenceProxy(grpc.GenericRpcHandler):
             try:
                 target, balancer = snapshot.match(model, req.version_name(), ctx.rnd,
                                                   req.header_of, time.monotonic())
+                response, runtime, code = await self.forwarder.unary(
+                    method, req, snapshot, target, balancer, context)
             except NoHealthyUpstream:
                 if not ready_check:
                     raise
                 return b""  # ModelReady of a model no runtime holds ready: {ready: false}
-            response, runtime, code = await self.forwarder.unary(
-                method, req, snapshot, target, balancer, context)
             return response
         except ProxyError as err:
             code = self._fail(context, err)

@@ -339,3 +339,16 @@ async def test_runtime_stopped_under_load_fails_no_unary_call():
             "meshproxy_retries_total", {"model": "identity", "reason": "connect-failure"}) \
             or app.metrics.registry.get_sample_value(
                 "meshproxy_retries_total", {"model": "identity", "reason": "unavailable"})
+
+
+async def test_stop_lets_a_call_in_flight_finish_and_refuses_new_ones():
+    async with runtimes(("r1", ["sum"]), latency_ms=300) as rts:
+        async with proxy(rts) as app, stub(app) as s:
+            in_flight = asyncio.ensure_future(s.ModelInfer(sum_request(2, 3), timeout=5))
+            await eventually(lambda: app.registry.endpoints["r1"].active == 1)
+            stopping = asyncio.ensure_future(app.stop())
+            await eventually(lambda: app.ctx.draining)
+            assert (await in_flight).outputs[0].contents.fp64_contents == [5.0]
+            await stopping
+            err = await rpc_error(s.ModelInfer(sum_request(1), timeout=2))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
