@@ -24,11 +24,13 @@ TICK = 0.1  # seconds between deadline checks: the precision of every timeout
 
 
 class ProxyApp:
-    """One proxy. Startup: snapshot, REST listener, admin, ticker.
+    """One proxy. Startup: snapshot, ADS client and sidecar stream when configured (a snapshot
+    saved on disk is in force before the listener opens), REST listener, admin, ticker.
 
-    Shutdown (stop): stop accepting; close idle client connections and let busy
-    ones finish their exchange (responses say `connection: close`) within
-    drain_timeout; abort what is left; close upstream pools; stop admin.
+    Shutdown (stop): end the ADS and sidecar streams (the snapshot stays); stop
+    accepting; close idle client connections and let busy ones finish their
+    exchange (responses say `connection: close`) within drain_timeout; abort what
+    is left; close upstream pools; stop admin.
     """
 
     def __init__(self, config: ProxyConfig, metrics: ProxyMetrics | None = None,

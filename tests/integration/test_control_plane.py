@@ -393,3 +393,19 @@ async def test_editing_the_proxy_file_keeps_the_dynamic_resources(tmp_path):
             assert routes(app, "sum") == {"r1"}
         finally:
             await app.stop()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("discovery: {runtimes: [{name: a, http_address: 'x:1', models: [{name: m}]}]}\n",
+     "discovery.runtimes[0].models"),
+    ("grpc_adress: 127.0.0.1:1\n", "grpc_adress"),
+    ("resources: {routes: [{model: m}, {model: m}]}\n", "resources.routes[1].model"),
+])
+async def test_bad_control_plane_config_exits_64_naming_the_field(tmp_path, text, words):
+    path = tmp_path / "cp.yaml"
+    path.write_text(text)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshproxy", "control-plane", "-c", str(path),
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 64 and words in err.decode()
