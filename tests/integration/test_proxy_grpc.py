@@ -271,6 +271,29 @@ async def test_deadlines_expire():
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "'identity'" in err.details()
 
 
+@contextlib.asynccontextmanager
+async def raw_runtime(name: str, model: str, infer):
+    """A gRPC server answering ModelInfer with `infer(message, context)`, listed as holding
+    `model` (its REST address is a free port nobody serves)."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    class Listed:
+        def loaded_models(self):
+            return [model]
+
+    rt = Listed()
+    rt.name, rt.http_port, rt.grpc_port = name, free_port(), port
+    try:
+        yield rt
+    finally:
+        await server.stop(None)
+
+
 async def test_trailers_and_binary_metadata_pass_both_ways():
     """A raw upstream echoes the metadata it got: hop-by-hop entries are gone, -bin survive."""
 
@@ -282,31 +305,45 @@ async def test_trailers_and_binary_metadata_pass_both_ways():
         context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
         context.set_details("too much")
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(echo)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        class Fake:
-            name, http_port, grpc_port = "raw", free_port(), port
+    async with raw_runtime("raw", "echo", echo) as rt, \
+            proxy([rt], routes="- model: echo\n  retry_policy: {num_retries: 0}\n") as app, \
+            stub(app) as s:
+        call = s.ModelInfer(sum_request(1, model="echo"),
+                            metadata=(("x-tag-bin", b"\x00\xff"), ("x-user", "u")))
+        err = await rpc_error(call)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.details() == "too much"
+        seen = dict(err.initial_metadata())["x-seen"].split(",")
+        assert "x-tag-bin" in seen and "x-user" in seen
+        assert not {"te", "content-type", "grpc-timeout"} & set(seen)
+        trailers = dict(err.trailing_metadata())
+        assert trailers["x-tag-bin"] == b"\x00\xff" and trailers["x-note"] == "fine"
 
-            def loaded_models(self):
-                return ["echo"]
 
-        async with proxy([Fake()], routes="- model: echo\n  retry_policy: {num_retries: 0}\n") \
-                as app, stub(app) as s:
-            call = s.ModelInfer(sum_request(1, model="echo"),
-                                metadata=(("x-tag-bin", b"\x00\xff"), ("x-user", "u")))
-            err = await rpc_error(call)
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.details() == "too much"
-            seen = dict(err.initial_metadata())["x-seen"].split(",")
-            assert "x-tag-bin" in seen and "x-user" in seen
-            assert not {"te", "content-type", "grpc-timeout"} & set(seen)
-            trailers = dict(err.trailing_metadata())
-            assert trailers["x-tag-bin"] == b"\x00\xff" and trailers["x-note"] == "fine"
-    finally:
-        await server.stop(None)
+async def test_resource_exhausted_is_retried_only_when_the_policy_says_so():
+    async def busy(message: bytes, context):
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details("queue full")
+
+    async def free(message: bytes, context):
+        return pb.ModelInferResponse(model_name="m", id="ok").SerializeToString()
+
+    retried = "- model: m\n  retry_policy: {retry_on: resource-exhausted, num_retries: 2}\n"
+    async with raw_runtime("busy", "m", busy) as r1, raw_runtime("free", "m", free) as r2:
+        async with proxy([r1, r2], routes=retried) as app, stub(app) as s:
+            for _ in range(20):
+                assert (await s.ModelInfer(sum_request(1, model="m"))).id == "ok"
+            assert app.registry.endpoints["busy"].total > 0
+        async with proxy([r1, r2]) as app, stub(app) as s:
+            codes = set()
+            for _ in range(20):
+                try:
+                    await s.ModelInfer(sum_request(1, model="m"))
+                    codes.add("OK")
+                except grpc.aio.AioRpcError as e:
+                    assert e.details() == "queue full"
+                    assert dict(e.initial_metadata())["x-meshproxy-upstream"] == "busy"
+                    codes.add(e.code().name)
+            assert codes == {"OK", "RESOURCE_EXHAUSTED"}
 
 
 async def test_runtime_stopped_under_load_fails_no_unary_call():
