@@ -152,16 +152,22 @@ class DiscoveryPoller:
                 connector=aiohttp.TCPConnector(limit=0, force_close=False))
         self.interval = interval
         wanted = {rt.name: rt for rt in runtimes}
+        replaced: dict[str, RuntimeView] = {}
         for name in list(self.views):
             if name not in wanted or self.views[name].config != wanted[name] \
                     or self.views[name].grace != grace:
                 self._tasks.pop(name).cancel()
-                del self.views[name]
+                replaced[name] = self.views.pop(name)
         for name, rt in wanted.items():
             if name not in self.views:
-                self.views[name] = RuntimeView(rt, grace)
+                view = self.views[name] = RuntimeView(rt, grace)
+                old = replaced.get(name)
+                if old is not None and (old.config.http_address, old.config.dialect) == (
+                        rt.http_address, rt.dialect):
+                    # Same runtime, new weight or labels: keep what it reported meanwhile.
+                    view.models, view.last_answer = old.models, old.last_answer
                 self._tasks[name] = asyncio.get_running_loop().create_task(
-                    self._poll(self.views[name]), name=f"poll-{name}")
+                    self._poll(view), name=f"poll-{name}")
 
     async def _poll(self, view: RuntimeView) -> None:
         loop = asyncio.get_running_loop()

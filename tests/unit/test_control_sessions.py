@@ -140,3 +140,16 @@ def test_registrations_expire_grace_after_the_stream_ends():
     assert not regs.expire() and [r.name for r in regs.runtimes()] == ["side"]
     now[0] = 1.0
     assert regs.expire() and regs.runtimes() == []
+
+
+async def test_a_runtime_edited_in_the_file_keeps_its_models_until_the_next_poll():
+    from meshproxy.control.sources import DiscoveryPoller
+    poller = DiscoveryPoller(lambda: None)
+    rt = Runtime(name="r", http_address="127.0.0.1:9")
+    poller.configure([rt], interval=60, grace=5, timeout=0.1)
+    poller.views["r"].answered([LoadedModel(name="m")], now=0.0)
+    poller.configure([Runtime(name="r", http_address="127.0.0.1:9", labels={"a": "b"})],
+                     interval=60, grace=5, timeout=0.1)
+    assert [m.name for m in poller.views["r"].message().models] == ["m"]
+    assert poller.views["r"].message().labels == {"a": "b"}
+    await poller.close()
