@@ -263,29 +263,35 @@ def profile(proc: Proc, port: int, body: Path, args, work: Path) -> str:
 
 
 def summarize_profile(path: Path) -> str:
-    inclusive: collections.Counter = collections.Counter()
+    """Self time by layer (from each sample's innermost frame) and the top functions."""
+    layers: collections.Counter = collections.Counter()
     leaf: collections.Counter = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
-        n = int(n)
+        n, frame = int(n), stack.split(";")[-1]
         total += n
-        frames = [re.sub(r" \(.*?\)$", "", f) for f in stack.split(";")]
-        leaf[frames[-1]] += n
-        for f in set(frames):
-            inclusive[f] += n
+        name, _, where = frame.partition(" (")
+        leaf[name] += n
+        if name == "Thread.run":
+            layers["grpc poller thread (C, outside the loop)"] += n
+        elif name == "Runner.run" or where.startswith(("asyncio/", "uvloop/")):
+            layers["event loop: uvloop + grpc cython/C-core callbacks"] += n
+        elif where.startswith("meshproxy/"):
+            layers["meshproxy frames (with the grpc cython calls they make)"] += n
+        elif where.startswith("grpc/"):
+            layers["grpc.aio Python layer"] += n
+        else:
+            layers["other"] += n
     if not total:
         return "py-spy recorded nothing"
-    ours = sum(n for f, n in inclusive.items() if "meshproxy" in f or "grpc_wire" in f)
-    lines = [f"py-spy, {total} samples of the meshproxy process under load (busy samples only):",
-             "  top self time: " + "; ".join(f"{f} {n / total:.0%}" for f, n in leaf.most_common(6)),
-             "  inclusive: " + "; ".join(
-                 f"{f} {n / total:.0%}" for f, n in inclusive.most_common(40)
-                 if any(k in f for k in ("unary", "_forward", "_try", "read_request", "scan",
-                                         "_relay", "record_request")))[:600]]
-    return "\n".join(lines)
+    return "\n".join([
+        f"py-spy, {total} samples of the meshproxy process under load (busy samples only)",
+        "self time by layer: " + "; ".join(f"{k} {v / total:.0%}" for k, v in layers.most_common()),
+        "top functions (self): " + "; ".join(f"{f} {v / total:.0%}" for f, v in leaf.most_common(6)),
+    ])
 
 
 def report(results: list[dict], prof: str, args) -> str:
@@ -302,7 +308,8 @@ def report(results: list[dict], prof: str, args) -> str:
         us = f"{r['us_per_request']:.0f}" if r["us_per_request"] is not None else "-"
         lines.append(f"| {r['path']} | {r['rps']:.0f} | {us} | {r['p50_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {added:+.2f} | "
-                     f"{'yes' if r['status_checked'] else 'NO'} ({r['upstream_served']} served) |")
+                     f"{'yes' if r['status_checked'] else 'NO'} ({r['upstream_served']} served"
+                     + (f", {r['proxy_ok']:.0f} OK counted" if "proxy_ok" in r else "") + ") |")
     if "envoy" in by and "meshproxy" in by:
         m, e = by["meshproxy"], by["envoy"]
         lines += ["", f"meshproxy / Envoy CPU per request: {m['us_per_request'] / e['us_per_request']:.2f}x; "
