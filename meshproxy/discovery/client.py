@@ -81,6 +81,9 @@ class AdsClient:
             except (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError) as e:
                 log.warning("ADS stream to %s lost: %s; serving snapshot %s", address,
                             _reason(e), self.state.version())
+            except Exception:  # a bug must not end discovery for good
+                log.exception("ADS stream to %s failed; serving snapshot %s", address,
+                              self.state.version())
             if self.connected_to is not None:
                 attempt = 0  # it worked: try the same control plane again first
             else:
