@@ -8,7 +8,7 @@ import math
 import grpc
 
 _REASONS = {
-    400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large", 426: b"Upgrade Required",
+    400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout", 413: b"Payload Too Large", 426: b"Upgrade Required",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
@@ -44,6 +44,12 @@ class MalformedRequest(BadRequest):
 
 class UpgradeRequired(ProxyError):
     status, grpc_code, close = 426, "INVALID_ARGUMENT", True
+
+
+class RequestTimeout(ProxyError):
+    """The request head did not arrive within header_read_timeout."""
+
+    status, grpc_code, close = 408, "DEADLINE_EXCEEDED", True
 
 
 class UnknownModel(ProxyError):

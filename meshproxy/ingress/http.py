@@ -24,21 +24,15 @@ import httptools
 from meshproxy import model_name
 from meshproxy.cluster.outlier import OutlierDetector
 from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, MalformedRequest,
-                              NoHealthyUpstream, Overloaded, ProxyError, UpgradeRequired,
-                              UpstreamTimeout, render_http)
+                              NoHealthyUpstream, Overloaded, ProxyError, RequestTimeout,
+                              UpgradeRequired, UpstreamTimeout, render_http)
+from meshproxy.ingress import headers
 from meshproxy.routing.split import unit_hash
 from meshproxy.upstream import mirror
-from meshproxy.upstream.forwarder import Exchange, clean_response_head
+from meshproxy.upstream.forwarder import Exchange
 
-# Not forwarded: they describe this hop, or the proxy answers them itself (Expect).
-HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
-                        b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PAUSE_OUTBOX = 1 << 20  # stop reading the client while this much waits for an upstream
-
-
-class RequestTimeout(ProxyError):
-    status, grpc_code, close = 408, "DEADLINE_EXCEEDED", True
 
 
 class HttpContext:
@@ -231,8 +225,10 @@ class HttpConnection(asyncio.Protocol):
         ctx = self.ctx
         if self.parser.get_http_version() != "1.1":
             raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
-        model_value, kept, tokens, xff, expect = self.scan_headers(ex)
-        model, version = model_name.resolve(model_value, ex.url)
+        settings = ctx.settings
+        req = headers.scan(ex.headers, settings.model_headers, settings.max_request_body_bytes)
+        ex.chunked = req.chunked
+        model, version = model_name.resolve(req.model_value, ex.url)
         if model is None:
             self.answer_local(ex)
             return
@@ -246,8 +242,10 @@ class HttpConnection(asyncio.Protocol):
         pending, ex.outbox = ex.outbox, []
         m = route.mirror
         if m is not None and m.inflight < m.max_concurrent and ctx.rnd() < m.fraction:
-            ex.mirror = (m, self.upstream_head(ex, m.target, model, kept, tokens, xff))
-        head = self.upstream_head(ex, target, model, kept, tokens, xff)
+            ex.mirror = (m, headers.upstream_head(ex.method, ex.url, model, m.target, req,
+                                                  self.client_ip, settings.model_headers))
+        head = headers.upstream_head(ex.method, ex.url, model, target, req, self.client_ip,
+                                     settings.model_headers)
         ex.first_try(target, balancer, endpoint, head, ctx.now)
         for piece in pending:  # a pipelined request's body, read before its turn
             if piece is None:
@@ -257,7 +255,7 @@ class HttpConnection(asyncio.Protocol):
                         len(piece))
         if ex.mirror is not None and ex.request_done:
             mirror.send(ex, ctx)
-        if expect and not ex.request_done:
+        if req.expect and not ex.request_done:
             self.transport.write(_CONTINUE)
 
     def pick(self, ex: Exchange, balancer, model: str, target):
@@ -275,69 +273,11 @@ class HttpConnection(asyncio.Protocol):
             endpoint = other
         return endpoint
 
-    def scan_headers(self, ex: Exchange):
-        """One pass over the request headers: the model header, what to forward, framing."""
-        settings = self.ctx.settings
-        hosts = 0
-        model_value = xff = None
-        expect = False
-        content_length = -1
-        tokens = ()
-        kept = []
-        header_names = settings.model_headers
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"transfer-encoding":
-                    ex.chunked = True
-                elif lname == b"connection":
-                    tokens = tokens + tuple(t.strip() for t in value.lower().split(b","))
-                elif lname == b"expect" and value.lower() == b"100-continue":
-                    expect = True
-                continue
-            if lname == b"host":
-                hosts += 1
-            elif lname == b"content-length":
-                content_length = int(value)
-            elif lname == b"x-forwarded-for":
-                xff = value if xff is None else xff + b", " + value
-                continue
-            if lname in header_names:
-                if model_value is not None and model_value != value:
-                    raise BadRequest("the request names two different models in its headers")
-                model_value = value
-            kept.append((lname, name, value))
-        if hosts != 1:
-            raise MalformedRequest("a request must have exactly one Host header")
-        if content_length > settings.max_request_body_bytes:
-            raise BodyTooLarge(
-                f"request body of {content_length} bytes is larger than "
-                f"{settings.max_request_body_bytes} bytes")
-        return model_value, kept, tokens, xff, expect
-
-    def upstream_head(self, ex: Exchange, target, model: str, kept, tokens, xff) -> bytes:
-        """The request head as the runtime gets it: rewritten to the target, hop-by-hop dropped."""
-        header_names = self.ctx.settings.model_headers
-        url = rewrite_path(ex.url, model, target) if target.rewrite else ex.url
-        head = [b"%s %s HTTP/1.1\r\n" % (ex.method, url)]
-        for lname, name, value in kept:
-            if tokens and lname in tokens:
-                continue
-            if target.rewrite and lname in header_names:
-                value = target.model_bytes
-            head.append(b"%s: %s\r\n" % (name, value))
-        head.append(b"x-forwarded-for: %s\r\n" % (self.client_ip if xff is None
-                                                   else xff + b", " + self.client_ip))
-        if ex.chunked:
-            head.append(b"transfer-encoding: chunked\r\n")
-        head.append(b"\r\n")
-        return b"".join(head)
-
     def relay_head(self, ex: Exchange, head: bytes, rest: bytes) -> None:
         """Send the runtime's response head (and any body bytes after it) to the client."""
         settings = self.ctx.settings
         close = ex.close_after or not ex.keep_alive or self.ctx.draining
-        head = clean_response_head(head)
+        head = headers.clean_response_head(head)
         if head[5:8] == b"1.0":
             head = b"HTTP/1.1" + head[8:]
         parts = [head[:-2]]
@@ -479,19 +419,6 @@ class HttpConnection(asyncio.Protocol):
         for ex in self.queue:
             ex.abort_upstream()
         self.transport.abort()
-
-
-def rewrite_path(url: bytes, model: str, target) -> bytes:
-    """Point a /v2/models/{model}/... path at the target model (and version) a split chose."""
-    prefix = b"/v2/models/" + model.encode()
-    if not url.startswith(prefix):
-        return url
-    rest = url[len(prefix):]
-    if rest.startswith(b"/versions/"):
-        rest = rest[len(b"/versions/"):]
-        rest = rest[rest.find(b"/"):] if b"/" in rest else b""
-    version = b"/versions/" + target.version.encode() if target.version else b""
-    return b"/v2/models/" + target.model_bytes + version + rest
 
 
 def _parser_reason(e: Exception) -> str:

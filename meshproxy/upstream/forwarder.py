@@ -18,7 +18,6 @@ import time
 
 from meshproxy.errors import NoHealthyUpstream, Overloaded, ProxyError, UpstreamTimeout
 
-RESPONSE_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"upgrade"))
 
 
 class Exchange:
@@ -241,38 +240,3 @@ class Exchange:
             self.upstream.abort()
             self.upstream = None
         self.end_try()
-
-
-def clean_response_head(head: bytes) -> bytes:
-    """`head` without hop-by-hop headers; most heads have none or one Connection line."""
-    lower = head.lower()
-    if (b"\r\nconnection:" in lower or b"\r\nkeep-alive:" in lower
-            or b"\r\nproxy-connection:" in lower or b"\r\nupgrade:" in lower):
-        return strip_hop_by_hop(head, lower)
-    return head
-
-
-def strip_hop_by_hop(head: bytes, lower: bytes | None = None) -> bytes:
-    """Drop Connection, Keep-Alive, Upgrade and the headers Connection names from a response head."""
-    if lower is None:
-        lower = head.lower()
-    # The common case, one `Connection: keep-alive` (or close) line and no other hop-by-hop
-    # header, is cut out by offsets: this runs on most responses (nginx, Triton send it).
-    start = lower.find(b"\r\nconnection:")
-    if start >= 0 and not (b"\r\nkeep-alive:" in lower or b"\r\nproxy-connection:" in lower
-                           or b"\r\nupgrade:" in lower):
-        end = lower.find(b"\r\n", start + 2)
-        value = lower[start + 14:end].strip()
-        if value in (b"keep-alive", b"close") and lower.find(b"\r\nconnection:", end) < 0:
-            return head[:start] + head[end:]
-    lines = head[:-4].split(b"\r\n")
-    named = set()
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"connection":
-            named.update(t.strip() for t in value.lower().split(b","))
-    drop = RESPONSE_HOP_BY_HOP | named
-    kept = [lines[0]] + [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in drop]
-    return b"\r\n".join(kept) + b"\r\n\r\n"
-
-

@@ -1,6 +1,5 @@
 from meshproxy.errors import NoHealthyUpstream, render_http
-from meshproxy.ingress.http import rewrite_path
-from meshproxy.upstream.forwarder import strip_hop_by_hop
+from meshproxy.ingress.headers import rewrite_path, strip_hop_by_hop
 from meshproxy.routing.table import Target
 
 
