@@ -372,6 +372,7 @@ async def test_runtime_stopped_under_load_fails_no_unary_call():
             stop.set()
             await asyncio.gather(*clients)
         assert failures == []
+        assert app.registry.endpoints["r1"].ejected  # outlier detection saw the failed tries
         assert app.metrics.registry.get_sample_value(
             "meshproxy_retries_total", {"model": "identity", "reason": "connect-failure"}) \
             or app.metrics.registry.get_sample_value(
