@@ -39,7 +39,8 @@ class ControlPlaneApp:
         self.cache = ResourceCache()
         self.proxies = ProxyRegistry()
         self.poller = DiscoveryPoller(self.publish, self.metrics)
-        self.registrations = Registrations(self.publish, settings.registration_grace)
+        self.registrations = Registrations(self.publish, settings.registration_grace,
+                                           taken=self._configured)
         self.ads = AdsServicer(self.cache, self.proxies, self.metrics, settings.identifier)
         self.watcher: ConfigWatcher | None = None
         self.grpc_port = 0
@@ -56,11 +57,14 @@ class ControlPlaneApp:
         runtimes = list(s.runtimes)
         runtimes += [self.poller.views[rt.name].message() for rt in s.discovered
                      if rt.name in self.poller.views]
-        taken = {rt.name for rt in runtimes}
+        taken = {rt.name for rt in runtimes}  # a file edit may claim a registered name
         runtimes += [rt for rt in self.registrations.runtimes() if rt.name not in taken]
         if self.cache.set_all(runtimes, s.routes):
             for type_url in TYPE_URLS:
                 self.metrics.resources.labels(type_url).set(len(self.cache.get(type_url).entries))
+
+    def _configured(self, name: str) -> bool:
+        return any(rt.name == name for rt in (*self.settings.runtimes, *self.settings.discovered))
 
     def reconfigure(self, settings: ControlPlaneSettings) -> None:
         """A good config edit: new pollers, new static resources, pushed at once."""

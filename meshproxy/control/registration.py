@@ -37,8 +37,10 @@ class Registrations:
     """The registered runtimes (clock passed in; `start` runs the expiry ticker)."""
 
     def __init__(self, changed: Callable[[], None], grace: float, heartbeat: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 taken: Callable[[str], bool] = lambda name: False):
         self.entries: dict[str, Registration] = {}
+        self._taken = taken  # names the control plane's own file uses
         self.grace = grace
         self.heartbeat = heartbeat
         self._changed = changed
@@ -51,6 +53,8 @@ class Registrations:
             validate_resources([runtime], [], "runtime")
         except ConfigError as e:
             return str(e).replace("runtime.runtimes[0]", "runtime")
+        if self._taken(runtime.name):
+            return f"runtime {runtime.name!r} is configured in the control plane's file"
         now = self._clock()
         reg = self.entries.get(runtime.name)
         if reg is not None and reg.stream != stream and not self._expired(reg, now) \

@@ -131,7 +131,9 @@ def test_a_silent_runtime_keeps_its_models_for_the_grace_only():
 def test_registrations_expire_grace_after_the_stream_ends():
     now = [0.0]
     changes = []
-    regs = Registrations(lambda: changes.append(1), grace=1.0, heartbeat=0.5, clock=lambda: now[0])
+    regs = Registrations(lambda: changes.append(1), grace=1.0, heartbeat=0.5, clock=lambda: now[0],
+                         taken=lambda name: name == "filed")
+    assert "configured" in regs.report(9, "n9", runtime("filed", "m"))
     assert regs.report(1, "n1", runtime("side", "m")) == ""
     assert "already registered" in regs.report(2, "n2", runtime("side", "m"))
     assert "http_address" in regs.report(3, "n3", Runtime(name="x"))
