@@ -102,23 +102,29 @@ class GrpcForwarder:
             while True:
                 endpoint = self.pick(balancer, req.model, target, key, endpoint)
                 channel = self.channel(snapshot, endpoint, target, req.model)
-                left = deadline - loop.time()
-                if policy.per_try_timeout is not None:
-                    left = min(left, policy.per_try_timeout)
-                call, err = await self._try(channel.unary(method), message, metadata, left,
-                                            endpoint)
+                now = loop.time()
+                try_deadline = deadline if policy.per_try_timeout is None else min(
+                    deadline, now + policy.per_try_timeout)
+                call, response, err = await self._try(channel.unary(method), message, metadata,
+                                                      try_deadline - now, endpoint)
                 if err is None:
-                    return await self._relay_ok(context, call, endpoint), endpoint.name, "OK"
-                reason = self._retry_reason(err, policy, deadline - loop.time())
-                if reason is not None and tries < policy.num_retries and not (
-                        retrying or budget.allows(policy)):
-                    ctx.metrics.record_budget_exhausted(req.model)
-                    reason = None
+                    await self._relay_ok(context, call, endpoint)
+                    return response, endpoint.name, "OK"
+                now = loop.time()
+                try_expired = (err.code() is _DEADLINE and try_deadline < deadline
+                               and now >= try_deadline - 0.001)
+                if try_expired:
+                    ctx.metrics.record_attempt_timeout(endpoint.name)
+                reason = "per-try-timeout" if try_expired else self._retry_reason(
+                    err, policy, deadline - now)
                 pause = policy.backoff(tries + 1, ctx.rnd)
-                if reason is None or tries >= policy.num_retries \
-                        or pause >= deadline - loop.time():
+                if pause >= deadline - now or not self._may_retry(
+                        reason, tries, retrying, policy, budget, req.model):
+                    if try_expired:
+                        raise UpstreamTimeout(f"model {req.model!r}: runtime {endpoint.name} did "
+                                              f"not answer within the per-try timeout", req.model)
                     code = await self.relay_error(context, err, req.model, endpoint,
-                                                  deadline - loop.time())
+                                                  deadline - now)
                     return None, endpoint.name, code
                 tries += 1
                 ctx.metrics.record_retry(req.model, reason)
@@ -131,23 +137,31 @@ class GrpcForwarder:
             if retrying:
                 budget.active_retries -= 1
 
+    def _may_retry(self, reason, tries: int, retrying: bool, policy, budget, model: str) -> bool:
+        if reason is None or tries >= policy.num_retries:
+            return False
+        if not retrying and not budget.allows(policy):
+            self.ctx.metrics.record_budget_exhausted(model)
+            return False
+        return True
+
     async def _try(self, callable_, message: bytes, metadata, timeout: float, endpoint):
-        """One call to one runtime: (call, None) when it answered, else (call, its AioRpcError)."""
+        """One call to one runtime: (call, answer, None), or (call, None, its AioRpcError)."""
         endpoint.active += 1
         endpoint.total += 1
         call = callable_(message, timeout=max(timeout, 0.0), metadata=metadata)
         try:
-            await call
+            response = await call
         except grpc.aio.AioRpcError as e:
             self._report(endpoint, e.code())
-            return call, e
+            return call, None, e
         except asyncio.CancelledError:
             call.cancel()
             raise
         finally:
             endpoint.active -= 1
         self.ctx.outlier_success(endpoint)
-        return call, None
+        return call, response, None
 
     def _report(self, endpoint, code: grpc.StatusCode) -> None:
         status = _AS_HTTP.get(code.name)
@@ -169,14 +183,12 @@ class GrpcForwarder:
         elif initial:
             await context.send_initial_metadata(tuple(initial))
 
-    async def _relay_ok(self, context, call, endpoint) -> bytes:
-        """Send the runtime's initial metadata and trailers; return its answer."""
-        response = await call
+    async def _relay_ok(self, context, call, endpoint) -> None:
+        """Pass on the runtime's initial metadata and trailers (the answer is returned)."""
         await self._send_initial(context, await call.initial_metadata(), endpoint)
         trailers = await call.trailing_metadata()
         if trailers:
             context.set_trailing_metadata(tuple(trailers))
-        return response
 
     async def relay_error(self, context, err: grpc.aio.AioRpcError, model: str, endpoint,
                           left: float) -> str:

@@ -294,6 +294,22 @@ async def raw_runtime(name: str, model: str, infer):
         await server.stop(None)
 
 
+async def test_per_try_timeout_retries_on_another_runtime():
+    route = "- model: identity\n  retry_policy: {per_try_timeout: 0.3s, num_retries: 2}\n"
+    async with runtimes(("slow", ["identity"]), latency_ms=2000) as slow, \
+            runtimes(("fast", ["identity"])) as fast, proxy(slow + fast, routes=route) as app, \
+            stub(app) as s:
+        for _ in range(6):
+            reply = await s.ModelInfer(sum_request(1, model="identity"), timeout=5)
+            assert reply.parameters["runtime"].string_param == "fast"
+        assert app.registry.endpoints["slow"].total > 0
+    async with runtimes(("slow", ["identity"]), latency_ms=2000) as slow, \
+            proxy(slow, routes=route.replace("num_retries: 2", "num_retries: 0")) as app, \
+            stub(app) as s:
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="identity"), timeout=5))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "per-try" in err.details()
+
+
 async def test_trailers_and_binary_metadata_pass_both_ways():
     """A raw upstream echoes the metadata it got: hop-by-hop entries are gone, -bin survive."""
 
