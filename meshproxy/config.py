@@ -182,6 +182,9 @@ def _dynamic(b: bootstrap_pb2.Bootstrap) -> DynamicSettings | None:
         sidecar = d.sidecar.runtime
         if sidecar.models:
             raise ConfigError(f"{where}sidecar.runtime.models: polled from the runtime, not listed")
+        if any(rt.name == sidecar.name for rt in b.static_resources.runtimes):
+            raise ConfigError(f"{where}sidecar.runtime.name: {sidecar.name!r} is also a static "
+                              "runtime (the control plane sends it back as a dynamic one)")
         try:
             validate_resources([sidecar], [], f"{where}sidecar")
         except ConfigError as e:

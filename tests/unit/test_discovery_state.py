@@ -136,3 +136,4 @@ def test_edited_static_resources_sit_next_to_the_dynamic_ones_and_win_a_name_cla
     s.handle(delta("n1", runtime("a", "m"), runtime("b", "m")), 0)
     s.set_static([runtime("b", "static")], [])
     assert [(r.name, r.models[0].name) for r in s.runtimes()] == [("b", "static"), ("a", "m")]
+
