@@ -15,6 +15,8 @@ from meshproxy.config_watch import FileWatcher
 from meshproxy.ingress import grpc as grpc_ingress
 from meshproxy.ingress.http import HttpConnection, HttpContext
 from meshproxy.routing import table
+from meshproxy.telemetry import tracing
+from meshproxy.telemetry.access_log import AccessLog
 from meshproxy.telemetry.metrics import ProxyMetrics
 from meshproxy.upstream.grpc_pool import GrpcChannels
 from meshproxy.upstream.http_pool import HttpPool
@@ -34,14 +36,16 @@ class ProxyApp:
     """
 
     def __init__(self, config: ProxyConfig, metrics: ProxyMetrics | None = None,
-                 config_path: str | None = None):
+                 config_path: str | None = None, span_exporter=None):
         self.config = config
+        self.span_exporter = span_exporter  # tests pass an in-memory one
         self.config_path = config_path  # watched: edits to static_resources apply live
         self.metrics = metrics or ProxyMetrics()
         self.registry = table.EndpointRegistry(attach=self._attach_pool)
         snap, _ = table.build("static", config.runtimes, config.routes, self.registry,
                               config.http.request_timeout)
         self.ctx = HttpContext(config.http, self.metrics, snap, self._local, random.random)
+        self.metrics.watch_endpoints(lambda: self.ctx.snapshot)
         self.ctx.outlier.set_clusters(snap.clusters.values())
         self.health = HealthChecker()
         self.watcher: FileWatcher | None = None
@@ -64,6 +68,10 @@ class ProxyApp:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        telemetry = self.config.telemetry
+        self.ctx.tracing = tracing.build(telemetry, self.span_exporter)
+        if telemetry.access_log:
+            self.ctx.access_log = AccessLog(telemetry.access_log)
         if self.config.dynamic is not None:
             from meshproxy.discovery.client import AdsClient
             self.discovery = AdsClient(self.config.dynamic, self.config.source.node, self.update,
@@ -163,6 +171,10 @@ class ProxyApp:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.health.close()
+        if self.ctx.tracing is not None:
+            self.ctx.tracing.shutdown()
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

@@ -51,6 +51,15 @@ class GrpcSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class TelemetrySettings:
+    tracing_exporter: str = "NONE"     # NONE, OTLP_GRPC, OTLP_HTTP, CONSOLE
+    tracing_endpoint: str = ""
+    sampling_ratio: float = 1.0
+    service_name: str = "meshproxy"
+    access_log: str = ""               # "": off, "-": stdout, else a file path
+
+
+@dataclasses.dataclass(frozen=True)
 class ProxyConfig:
     node_id: str
     http_address: Address
@@ -63,6 +72,7 @@ class ProxyConfig:
     dynamic: DynamicSettings | None = None  # None: static resources only
     grpc_address: Address | None = None  # None: no gRPC listener
     grpc: GrpcSettings = GrpcSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +132,20 @@ def _build(b: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         grpc_address=(None if b.listeners.grpc_address == "disabled" else parse_address(
             b.listeners.grpc_address or "0.0.0.0:8033", "listeners.grpc_address")),
         grpc=_grpc_settings(b.grpc),
+        telemetry=_telemetry(b.telemetry),
     )
+
+
+def _telemetry(t: bootstrap_pb2.Telemetry) -> TelemetrySettings:
+    tr = t.tracing
+    ratio = tr.sampling_ratio.value if tr.HasField("sampling_ratio") else 1.0
+    if not 0 <= ratio <= 1:
+        raise ConfigError("telemetry.tracing.sampling_ratio: must be between 0 and 1")
+    exporter = bootstrap_pb2.Tracing.Exporter.Name(tr.exporter)
+    if tr.endpoint and exporter == "OTLP_GRPC":
+        parse_address(tr.endpoint.removeprefix("http://"), "telemetry.tracing.endpoint")
+    return TelemetrySettings(exporter, tr.endpoint, ratio, tr.service_name or "meshproxy",
+                             "-" if t.access_log.path == "stdout" else t.access_log.path)
 
 
 def _grpc_settings(g: bootstrap_pb2.GrpcOptions) -> GrpcSettings:

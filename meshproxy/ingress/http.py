@@ -48,6 +48,8 @@ class HttpContext:
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self.outlier = OutlierDetector()
+        self.tracing = None     # telemetry.tracing.Tracing when traces are on
+        self.access_log = None  # telemetry.access_log.AccessLog when the access log is on
 
     def tick(self) -> None:
         """Advance the clock, expire what is overdue, return ejected endpoints (every 100 ms)."""
@@ -246,6 +248,8 @@ class HttpConnection(asyncio.Protocol):
                                                   self.client_ip, settings.model_headers))
         head = headers.upstream_head(ex.method, ex.url, model, target, req, self.client_ip,
                                      settings.model_headers)
+        if ctx.tracing is not None:
+            ctx.tracing.start_request(ex, model)
         ex.first_try(target, balancer, endpoint, head, ctx.now)
         for piece in pending:  # a pipelined request's body, read before its turn
             if piece is None:
@@ -288,6 +292,7 @@ class HttpConnection(asyncio.Protocol):
         parts.append(b"\r\n")
         if rest:
             parts.append(rest)
+        ex.bytes_out += len(head) + len(rest)
         self.transport.writelines(parts)
 
     def answer_local(self, ex: Exchange) -> None:
@@ -330,9 +335,14 @@ class HttpConnection(asyncio.Protocol):
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
         routed = ex.target is not None
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.record(ex, "rest")
+        if ex.span is not None:
+            self.ctx.tracing.end_request(ex)
         self.ctx.metrics.record_request(
             ex.model if routed or self.ctx.snapshot.is_known(ex.model) else "", "rest",
-            ex.status, ex.endpoint.name if routed else "", time.perf_counter() - ex.t0)
+            ex.status, ex.endpoint.name if routed else "", time.perf_counter() - ex.t0,
+            ex.body_bytes, ex.bytes_out, ex.overhead if ex.started and routed else None)
         ex.finished()
         if self.closed:
             return

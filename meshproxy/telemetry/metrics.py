@@ -1,46 +1,131 @@
-"""Every Prometheus metric the proxy exports, and the cheap recorders the listener edges call."""
+"""Every Prometheus metric the proxy exports, and the cheap recorders the listener edges call.
+
+Per-request numbers (requests, durations, bytes, proxy overhead, attempts) are
+kept as plain ints and floats in dicts and turned into Prometheus families only
+when scraped: a labels() lookup, a lock and an observe() per request would cost
+more than the rest of the per-request bookkeeping together. Endpoint state
+(active, pending, ejected, health, pools) is read from the snapshot at scrape
+time, so it costs the hot path nothing. Rare events use prometheus-client's
+Counter directly.
+"""
 
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 # 0.5 ms .. 120 s: inference spans sub-millisecond toy models to minute-long generations.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# What the proxy itself adds: 10 us .. 100 ms.
+OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                    0.005, 0.01, 0.025, 0.1)
+
+
+class Histograms:
+    """Label tuple -> bucket counts, +Inf count and sum, in one list per label set."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.data: dict[tuple, list] = {}
+
+    def observe(self, key: tuple, value: float) -> None:
+        hist = self.data.get(key)
+        if hist is None:
+            hist = self.data[key] = [0] * (len(self.buckets) + 1) + [0.0]
+        hist[bisect.bisect_left(self.buckets, value)] += 1
+        hist[-1] += value
+
+    def family(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, doc, labels=labels)
+        for key, hist in list(self.data.items()):
+            cumulative, points = 0, []
+            for bound, n in zip(self.buckets, hist):
+                cumulative += n
+                points.append((repr(bound), cumulative))
+            points.append(("+Inf", cumulative + hist[len(self.buckets)]))
+            fam.add_metric(list(key), points, hist[-1])
+        return fam
+
+
+def _code_class(code) -> str:
+    return f"{code // 100}xx" if isinstance(code, int) else "ok" if code == "OK" else "error"
 
 
 class RequestStats:
-    """Requests and their durations, counted on the hot path as plain ints in dicts and turned
-    into Prometheus families only when scraped: a labels() lookup, a lock and an observe() per
-    request cost more than the rest of the per-request bookkeeping together."""
+    """The hot-path numbers; `collect` is called by prometheus-client at scrape time."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple, int] = {}
-        self.durations: dict[tuple, list] = {}  # (model, protocol) -> bucket counts..., sum
+        self.counts: dict[tuple, int] = {}          # (model, protocol, code, runtime)
+        self.bytes_in: dict[tuple, int] = {}         # (model, protocol)
+        self.bytes_out: dict[tuple, int] = {}
+        self.durations = Histograms(LATENCY_BUCKETS)  # (model, protocol)
+        self.overhead = Histograms(OVERHEAD_BUCKETS)  # (model, protocol)
+        self.attempts = Histograms(LATENCY_BUCKETS)   # (runtime, outcome)
+        self.attempt_timeouts: dict[str, int] = {}    # runtime
 
     def collect(self):
         requests = CounterMetricFamily(
             "meshproxy_requests", "Requests answered, by model, protocol, code and serving runtime",
             labels=["model", "protocol", "code", "code_class", "runtime"])
         for (model, protocol, code, runtime), n in list(self.counts.items()):
-            code_class = (f"{code // 100}xx" if isinstance(code, int)
-                          else "ok" if code == "OK" else "error")
-            requests.add_metric([model, protocol, str(code), code_class, runtime], n)
+            requests.add_metric([model, protocol, str(code), _code_class(code), runtime], n)
         yield requests
-        duration = HistogramMetricFamily(
-            "meshproxy_request_duration_seconds", "Time from request head to response end, by model",
-            labels=["model", "protocol"])
-        for (model, protocol), hist in list(self.durations.items()):
-            cumulative, buckets = 0, []
-            for bound, n in zip(LATENCY_BUCKETS, hist):
-                cumulative += n
-                buckets.append((repr(bound), cumulative))
-            buckets.append(("+Inf", cumulative + hist[len(LATENCY_BUCKETS)]))
-            duration.add_metric([model, protocol], buckets, hist[-1])
-        yield duration
+        for name, doc, data in (
+                ("meshproxy_request_bytes", "Request body bytes received from clients",
+                 self.bytes_in),
+                ("meshproxy_response_bytes", "Response bytes sent to clients", self.bytes_out)):
+            fam = CounterMetricFamily(name, doc, labels=["model", "protocol"])
+            for key, n in list(data.items()):
+                fam.add_metric(list(key), n)
+            yield fam
+        yield self.durations.family("meshproxy_request_duration_seconds",
+                                    "Time from request head to response end, by model",
+                                    ["model", "protocol"])
+        yield self.overhead.family(
+            "meshproxy_proxy_overhead_seconds",
+            "Time the proxy itself adds: request received to upstream request sent, plus "
+            "upstream response head to response head sent", ["model", "protocol"])
+        yield self.attempts.family("meshproxy_upstream_attempt_duration_seconds",
+                                   "Each try against a runtime, by runtime and outcome",
+                                   ["runtime", "outcome"])
+        timeouts = CounterMetricFamily("meshproxy_upstream_attempt_timeouts",
+                                       "Tries that hit their per-try timeout", labels=["runtime"])
+        for runtime, n in list(self.attempt_timeouts.items()):
+            timeouts.add_metric([runtime], n)
+        yield timeouts
+
+
+class EndpointCollector:
+    """Endpoint state read from the snapshot in force, at scrape time."""
+
+    def __init__(self, snapshot: Callable):
+        self.snapshot = snapshot
+
+    def collect(self):
+        snap = self.snapshot()
+        specs = [
+            ("meshproxy_endpoint_active_requests", "Requests in flight to the runtime",
+             lambda e: e.active),
+            ("meshproxy_endpoint_pending_connections", "Connections being opened to the runtime",
+             lambda e: e.pool.connecting if e.pool else 0),
+            ("meshproxy_endpoint_open_connections", "Open connections to the runtime (pool size)",
+             lambda e: e.pool.open if e.pool else 0),
+            ("meshproxy_endpoint_idle_connections", "Idle keep-alive connections in the pool",
+             lambda e: len(e.pool.idle) if e.pool else 0),
+            ("meshproxy_endpoint_healthy", "1 when the runtime takes traffic (health check and "
+             "outlier detection agree)", lambda e: int(e.healthy)),
+            ("meshproxy_endpoint_ejected", "1 while outlier detection has ejected the runtime",
+             lambda e: int(e.ejected)),
+        ]
+        for name, doc, get in specs:
+            fam = GaugeMetricFamily(name, doc, labels=["runtime"])
+            for e in snap.endpoints.values():
+                fam.add_metric([e.name], get(e))
+            yield fam
 
 
 class ProxyMetrics:
@@ -74,17 +159,31 @@ class ProxyMetrics:
             "meshproxy_circuit_breaker_overflows", "Requests refused at a circuit-breaker limit",
             ["runtime", "limit"], registry=r)
 
+    def watch_endpoints(self, snapshot: Callable) -> None:
+        """Export endpoint state from `snapshot()` (the snapshot in force) at scrape time."""
+        self.registry.register(EndpointCollector(snapshot))
+
     def record_request(self, model: str, protocol: str, code: int | str, runtime: str,
-                       seconds: float) -> None:
+                       seconds: float, bytes_in: int = 0, bytes_out: int = 0,
+                       overhead: float | None = None) -> None:
         """`code` is the HTTP status (REST) or the gRPC status name, e.g. "OK" (gRPC)."""
         stats = self.stats
         key = (model, protocol, code, runtime)
         stats.counts[key] = stats.counts.get(key, 0) + 1
-        hist = stats.durations.get((model, protocol))
-        if hist is None:
-            hist = stats.durations[(model, protocol)] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
-        hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        hist[-1] += seconds
+        mp = (model, protocol)
+        stats.durations.observe(mp, seconds)
+        stats.bytes_in[mp] = stats.bytes_in.get(mp, 0) + bytes_in
+        stats.bytes_out[mp] = stats.bytes_out.get(mp, 0) + bytes_out
+        if overhead is not None:
+            stats.overhead.observe(mp, overhead)
+
+    def record_attempt(self, runtime: str, outcome: str, seconds: float) -> None:
+        """One try against a runtime ended: outcome is the status (e.g. "200") or the failure."""
+        self.stats.attempts.observe((runtime, outcome), seconds)
+
+    def record_attempt_timeout(self, runtime: str) -> None:
+        t = self.stats.attempt_timeouts
+        t[runtime] = t.get(runtime, 0) + 1
 
     def record_local_error(self, code: int, reason: str) -> None:
         self.local_errors.labels(str(code), reason).inc()

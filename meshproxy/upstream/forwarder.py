@@ -27,7 +27,9 @@ class Exchange:
                  "model", "endpoint", "upstream", "outbox", "outbox_size", "chunked", "started",
                  "response_done", "status", "t0", "body_bytes", "discard", "close_after",
                  "routed", "target", "balancer", "key", "replay", "replay_size", "tries",
-                 "in_try", "swallow", "retrying", "deadline", "try_deadline", "mirror")
+                 "in_try", "swallow", "retrying", "deadline", "try_deadline", "mirror",
+                 "t_try", "t_sent", "overhead", "bytes_out", "span", "try_span", "base_head",
+                 "retry_reason")
 
     def __init__(self, conn):
         self.conn = conn  # ingress.http.HttpConnection
@@ -44,8 +46,10 @@ class Exchange:
         self.outbox: list[bytes] = []
         self.outbox_size = self.replay_size = self.status = self.body_bytes = self.tries = 0
         self.deadline = self.try_deadline = float("inf")
-        self.mirror = None
+        self.mirror = self.span = self.try_span = self.base_head = self.retry_reason = None
         self.t0 = time.perf_counter()
+        self.t_try = self.t_sent = self.overhead = 0.0
+        self.bytes_out = 0
 
     def header(self, name: str) -> bytes | None:
         """The value of request header `name` (lower case), for header rules and hashing."""
@@ -82,16 +86,26 @@ class Exchange:
         endpoint.active += 1
         endpoint.total += 1
         self.in_try = True
+        tracing = self.conn.ctx.tracing
+        if tracing is not None:
+            self.try_span, self.outbox[0] = tracing.start_try(self, endpoint)
+        self.t_try = time.perf_counter()
         if conn is not None:
             self.upstream = conn
+            if not self.t_sent:
+                self.t_sent = self.t_try  # written by the listener's flush, in this callback
             conn.start(self, b"", self.method == b"HEAD")
         else:
             pool.connect(self)
 
-    def end_try(self) -> None:
+    def end_try(self, outcome: str = "cancelled") -> None:
         if self.in_try:
             self.in_try = False
             self.endpoint.active -= 1
+            self.conn.ctx.metrics.record_attempt(self.endpoint.name, outcome,
+                                                 time.perf_counter() - self.t_try)
+            if self.try_span is not None:
+                self.conn.ctx.tracing.end_try(self, outcome)
 
     def body(self, pieces: tuple[bytes, ...], size: int) -> None:
         """Body bytes (already framed for the upstream) from the client."""
@@ -120,6 +134,7 @@ class Exchange:
             t.budget.active_retries += 1
         ctx = self.conn.ctx
         ctx.metrics.record_retry(self.model, reason)
+        self.retry_reason = reason
         self.conn.deadline = self.deadline
         asyncio.get_running_loop().call_later(t.retry.backoff(self.tries, ctx.rnd), self.retry)
 
@@ -152,7 +167,8 @@ class Exchange:
 
     def try_timed_out(self, now: float) -> None:
         """The per-try timeout passed before the response: retry or give up with 504."""
-        self.abort_upstream()
+        self.conn.ctx.metrics.record_attempt_timeout(self.endpoint.name)
+        self.abort_upstream("timeout")
         self.conn.ctx.outlier_failure(self.endpoint, 0)
         if self.can_retry():
             self.schedule_retry("per-try-timeout")
@@ -167,6 +183,8 @@ class Exchange:
             upstream.pool.release(upstream)  # answered (timeout) while connecting
             return
         self.upstream = upstream
+        if not self.t_sent:
+            self.t_sent = time.perf_counter()
         data = b"".join(self.outbox)
         self.outbox.clear()
         self.outbox_size = 0
@@ -174,6 +192,7 @@ class Exchange:
         self.conn.resume_client()
 
     def response_head(self, head: bytes, status: int, until_close: bool, rest: bytes) -> None:
+        t_in = time.perf_counter()
         ctx = self.conn.ctx
         if status >= 500:
             ctx.outlier_failure(self.endpoint, status)
@@ -181,24 +200,26 @@ class Exchange:
             ctx.outlier.success(self.endpoint)
         if not self.request_done:  # the runtime may not have read the whole body
             self.upstream.forbid_reuse()
+        self.status = status
         if status >= 500:
             reason = self.target.retry.on_status(status)
             if reason is not None and self.can_retry():
                 self.swallow = reason
                 return
-        self.status = status
         self.started = True
         if until_close:
             self.close_after = True
         self.conn.relay_head(self, head, rest)
+        self.overhead = (self.t_sent - self.t0) + (time.perf_counter() - t_in)
 
     def response_body(self, data: bytes) -> None:
         if not self.swallow:
+            self.bytes_out += len(data)
             self.conn.transport.write(data)
 
     def response_complete(self, reusable: bool) -> None:
         self.upstream = None
-        self.end_try()
+        self.end_try(str(self.status))
         if self.swallow:
             reason, self.swallow = self.swallow, False
             self.schedule_retry(reason)
@@ -214,7 +235,7 @@ class Exchange:
         self.upstream = None
         if self.response_done or not self.in_try:
             return  # already answered here (a timeout): nothing is waiting
-        self.end_try()
+        self.end_try(err.kind or "error")
         self.conn.ctx.outlier_failure(self.endpoint, 0)
         if response_started or self.started:
             self.response_done = True
@@ -235,8 +256,8 @@ class Exchange:
         else:
             self.conn.resume_client()
 
-    def abort_upstream(self) -> None:
+    def abort_upstream(self, outcome: str = "cancelled") -> None:
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
-        self.end_try()
+        self.end_try(outcome)

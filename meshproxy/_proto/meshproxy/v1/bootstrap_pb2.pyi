@@ -95,7 +95,7 @@ class Sidecar(_message.Message):
     def __init__(self, runtime: _Optional[_Union[_resources_pb2.Runtime, _Mapping]] = ..., poll_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Bootstrap(_message.Message):
-    __slots__ = ("node", "listeners", "admin", "http", "static_resources", "dynamic_resources", "drain_timeout", "grpc")
+    __slots__ = ("node", "listeners", "admin", "http", "static_resources", "dynamic_resources", "drain_timeout", "grpc", "telemetry")
     NODE_FIELD_NUMBER: _ClassVar[int]
     LISTENERS_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class Bootstrap(_message.Message):
     DYNAMIC_RESOURCES_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     GRPC_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     node: Node
     listeners: Listeners
     admin: Admin
@@ -112,7 +113,44 @@ class Bootstrap(_message.Message):
     dynamic_resources: DynamicResources
     drain_timeout: _duration_pb2.Duration
     grpc: GrpcOptions
-    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Union[Listeners, _Mapping]] = ..., admin: _Optional[_Union[Admin, _Mapping]] = ..., http: _Optional[_Union[HttpOptions, _Mapping]] = ..., static_resources: _Optional[_Union[StaticResources, _Mapping]] = ..., dynamic_resources: _Optional[_Union[DynamicResources, _Mapping]] = ..., drain_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., grpc: _Optional[_Union[GrpcOptions, _Mapping]] = ...) -> None: ...
+    telemetry: Telemetry
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., listeners: _Optional[_Union[Listeners, _Mapping]] = ..., admin: _Optional[_Union[Admin, _Mapping]] = ..., http: _Optional[_Union[HttpOptions, _Mapping]] = ..., static_resources: _Optional[_Union[StaticResources, _Mapping]] = ..., dynamic_resources: _Optional[_Union[DynamicResources, _Mapping]] = ..., drain_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., grpc: _Optional[_Union[GrpcOptions, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ...) -> None: ...
+
+class Telemetry(_message.Message):
+    __slots__ = ("tracing", "access_log")
+    TRACING_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LOG_FIELD_NUMBER: _ClassVar[int]
+    tracing: Tracing
+    access_log: AccessLog
+    def __init__(self, tracing: _Optional[_Union[Tracing, _Mapping]] = ..., access_log: _Optional[_Union[AccessLog, _Mapping]] = ...) -> None: ...
+
+class Tracing(_message.Message):
+    __slots__ = ("exporter", "endpoint", "sampling_ratio", "service_name")
+    class Exporter(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NONE: _ClassVar[Tracing.Exporter]
+        OTLP_GRPC: _ClassVar[Tracing.Exporter]
+        OTLP_HTTP: _ClassVar[Tracing.Exporter]
+        CONSOLE: _ClassVar[Tracing.Exporter]
+    NONE: Tracing.Exporter
+    OTLP_GRPC: Tracing.Exporter
+    OTLP_HTTP: Tracing.Exporter
+    CONSOLE: Tracing.Exporter
+    EXPORTER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    exporter: Tracing.Exporter
+    endpoint: str
+    sampling_ratio: _wrappers_pb2.DoubleValue
+    service_name: str
+    def __init__(self, exporter: _Optional[_Union[Tracing.Exporter, str]] = ..., endpoint: _Optional[str] = ..., sampling_ratio: _Optional[_Union[_wrappers_pb2.DoubleValue, _Mapping]] = ..., service_name: _Optional[str] = ...) -> None: ...
+
+class AccessLog(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class GrpcOptions(_message.Message):
     __slots__ = ("max_message_bytes",)
