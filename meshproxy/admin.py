@@ -15,6 +15,17 @@ def _json(data, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+def stats_response(registry) -> web.Response:
+    """Envoy-style /stats: one `name{labels}: value` line per sample, sorted."""
+    lines = []
+    for family in registry.collect():
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            value = int(s.value) if float(s.value).is_integer() else s.value
+            lines.append(f"{s.name}{{{labels}}}: {value}" if labels else f"{s.name}: {value}")
+    return web.Response(text="\n".join(sorted(lines)) + "\n")
+
+
 def build_admin(app) -> web.Application:
     """Routes for one ProxyApp (`app` has .ctx, .config, .metrics, .ready())."""
 
@@ -53,6 +64,9 @@ def build_admin(app) -> web.Application:
             })
         return _json({"version": snap.version, "endpoints": rows})
 
+    async def stats(_):
+        return stats_response(app.metrics.registry)
+
     async def metrics(_):
         body = generate_latest(app.metrics.registry)
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
@@ -63,6 +77,7 @@ def build_admin(app) -> web.Application:
     web_app.router.add_get("/config_dump", config_dump)
     web_app.router.add_get("/clusters", clusters)
     web_app.router.add_get("/metrics", metrics)
+    web_app.router.add_get("/stats", stats)
     return web_app
 
 

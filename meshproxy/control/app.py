@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshproxy._proto.meshproxy.v1 import discovery_pb2_grpc
-from meshproxy.admin import start_admin
+from meshproxy.admin import start_admin, stats_response
 from meshproxy.control.cache import ResourceCache
 from meshproxy.control.config import ControlPlaneSettings, load_file
 from meshproxy.control.metrics import ControlPlaneMetrics
@@ -123,11 +123,19 @@ class ControlPlaneApp:
         app = web.Application()
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/stats", self._stats)
+        app.router.add_get("/live", self._live)
         app.router.add_get("/config_dump", self._config_dump)
         app.router.add_get("/proxies", self._proxies)
         return app
 
     async def _ready(self, _):
+        return web.Response(text="LIVE\n")
+
+    async def _stats(self, _):
+        return stats_response(self.metrics.registry)
+
+    async def _live(self, _):
         return web.Response(text="LIVE\n")
 
     async def _metrics(self, _):

@@ -223,3 +223,16 @@ async def test_access_log_writes_one_json_line_per_request(tmp_path):
     assert first["bytes_in"] == len(json.dumps(SUM)) and first["bytes_out"] > 100
     assert 0 < first["upstream_duration_ms"] <= first["duration_ms"]
     assert first["start_time"].endswith("Z") and first["target"] == "sum"
+
+
+async def test_stats_lists_every_sample_as_envoy_style_lines():
+    async with runtimes(("r1", ["sum"])) as rts:
+        async with Proxy(config(*map(rt_yaml, rts))) as p:
+            async with aiohttp.ClientSession() as s:
+                await post(s, p.http_port, "sum")
+                async with s.get(f"http://127.0.0.1:{p.admin_port}/stats") as r:
+                    text = await r.text()
+    lines = text.splitlines()
+    assert ("meshproxy_requests_total{code=200,code_class=2xx,model=sum,protocol=rest,"
+            "runtime=r1}: 1") in lines
+    assert lines == sorted(lines)
