@@ -182,6 +182,7 @@ class InferenceProxy(grpc.GenericRpcHandler):
         t0 = time.perf_counter()
         model = runtime = ""
         code = "OK"
+        response = None
         try:
             req = read_request(ctx, context.invocation_metadata(), message)
             if req is None:
@@ -205,7 +206,7 @@ class InferenceProxy(grpc.GenericRpcHandler):
             code = "CANCELLED"
             raise
         finally:
-            self._count(model, code, runtime, t0)
+            self._count(model, code, runtime, t0, len(message), len(response or b""))
 
     async def ModelStreamInfer(self, requests, context):
         """Route by the metadata or the first message; pinned to one runtime for its life."""
@@ -239,9 +240,11 @@ class InferenceProxy(grpc.GenericRpcHandler):
         finally:
             self._count(model, outcome.code, outcome.runtime, t0)
 
-    def _count(self, model: str, code: str, runtime: str, t0: float) -> None:
+    def _count(self, model: str, code: str, runtime: str, t0: float, bytes_in: int = 0,
+               bytes_out: int = 0) -> None:
         known = model if model and self.ctx.snapshot().is_known(model) else ""
-        self.ctx.metrics.record_request(known, "grpc", code, runtime, time.perf_counter() - t0)
+        self.ctx.metrics.record_request(known, "grpc", code, runtime, time.perf_counter() - t0,
+                                        bytes_in, bytes_out)
 
     def _fail(self, context, err: ProxyError) -> str:
         code, message, trailers = render_grpc(err)
