@@ -35,6 +35,8 @@ class ProxyApp:
     is left; close upstream pools; stop admin.
     """
 
+    reuse_port = False  # set by meshproxy/workers.py: worker processes share the listeners
+
     def __init__(self, config: ProxyConfig, metrics: ProxyMetrics | None = None,
                  config_path: str | None = None, span_exporter=None):
         self.config = config
@@ -77,6 +79,7 @@ class ProxyApp:
             self.discovery = AdsClient(self.config.dynamic, self.config.source.node, self.update,
                                        self.config.runtimes, self.config.routes)
             await self.discovery.start()  # a snapshot saved on disk is in force from here
+            self.metrics.watch_discovery(lambda: self.discovery)
             if self.config.dynamic.sidecar is not None:
                 from meshproxy.discovery.sidecar import SidecarReporter
                 self.sidecar = SidecarReporter(self.config.dynamic, self.config.source.node)
@@ -84,7 +87,7 @@ class ProxyApp:
         addr = self.config.http_address
         self.server = await loop.create_server(
             lambda: HttpConnection(self.ctx), addr.host, addr.port, backlog=2048,
-            reuse_address=True)
+            reuse_address=True, reuse_port=self.reuse_port)
         self.http_port = self.server.sockets[0].getsockname()[1]
         if self.config.grpc_address is not None:
             self.grpc_server, self.grpc_port = await grpc_ingress.start_server(
@@ -125,8 +128,9 @@ class ProxyApp:
     def _reload(self, config: ProxyConfig) -> None:
         """A new version of the config file: its resources apply now; listener, admin and http
         settings need a restart (they are bound or baked into connections)."""
-        if (config.http_address, config.admin_address, config.http) != (
-                self.config.http_address, self.config.admin_address, self.config.http):
+        # The file's own listeners/admin fields: a worker's bound addresses differ from them.
+        if (config.source.listeners, config.source.admin, config.http) != (
+                self.config.source.listeners, self.config.source.admin, self.config.http):
             log.warning("config file: listener, admin and http settings change on restart only")
         if self.discovery is not None:  # static resources sit next to the dynamic ones
             self.discovery.set_static(config.runtimes, config.routes)

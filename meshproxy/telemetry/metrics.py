@@ -12,6 +12,7 @@ Counter directly.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -128,6 +129,42 @@ class EndpointCollector:
             yield fam
 
 
+class DiscoveryCollector:
+    """The ADS client's state (discovery/client.py), read at scrape time."""
+
+    def __init__(self, client: Callable):
+        self.client = client
+
+    def collect(self):
+        client = self.client()
+        yield GaugeMetricFamily("meshproxy_discovery_connected",
+                                "1 while an ADS stream to a control plane is open",
+                                value=int(client.connected_to is not None))
+        yield CounterMetricFamily("meshproxy_discovery_updates_applied",
+                                  "Snapshots built from control-plane updates",
+                                  value=client.updates)
+        yield CounterMetricFamily("meshproxy_discovery_streams",
+                                  "ADS streams opened (reconnects included)", value=client.streams)
+        version = GaugeMetricFamily("meshproxy_discovery_config_version",
+                                    "The accepted version per resource type (value 1)",
+                                    labels=["type", "version"])
+        acks = CounterMetricFamily("meshproxy_discovery_acks", "Responses accepted, by type",
+                                   labels=["type"])
+        nacks = CounterMetricFamily("meshproxy_discovery_nacks", "Responses rejected, by type",
+                                    labels=["type"])
+        age = GaugeMetricFamily("meshproxy_discovery_seconds_since_update",
+                                "Seconds since the last accepted update, by type", labels=["type"])
+        now = time.time()
+        for ts in client.state.types.values():
+            short = ts.type_url.rsplit(".", 1)[-1]
+            version.add_metric([short, ts.version_info], 1)
+            acks.add_metric([short], ts.acks)
+            nacks.add_metric([short], ts.nacks)
+            if ts.applied_at is not None:
+                age.add_metric([short], max(0.0, now - ts.applied_at))
+        yield from (version, acks, nacks, age)
+
+
 class ProxyMetrics:
     """The proxy's metrics in their own registry."""
 
@@ -158,6 +195,10 @@ class ProxyMetrics:
         self.overflows = Counter(
             "meshproxy_circuit_breaker_overflows", "Requests refused at a circuit-breaker limit",
             ["runtime", "limit"], registry=r)
+
+    def watch_discovery(self, client: Callable) -> None:
+        """Export the ADS client's state (connected, versions, ACKs/NACKs, age) at scrape time."""
+        self.registry.register(DiscoveryCollector(client))
 
     def watch_endpoints(self, snapshot: Callable) -> None:
         """Export endpoint state from `snapshot()` (the snapshot in force) at scrape time."""

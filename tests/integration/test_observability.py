@@ -236,3 +236,23 @@ async def test_stats_lists_every_sample_as_envoy_style_lines():
     assert ("meshproxy_requests_total{code=200,code_class=2xx,model=sum,protocol=rest,"
             "runtime=r1}: 1") in lines
     assert lines == sorted(lines)
+
+
+async def test_discovery_health_is_in_the_proxy_metrics():
+    from meshproxy._proto.meshproxy.v1 import resources_pb2
+    from meshproxy.discovery.state import RUNTIME_TYPE
+    from tests.integration.test_control_plane import control_plane, cp_yaml, proxies, routes
+    from tests.integration.test_control_plane import runtimes as cp_runtimes
+    async with cp_runtimes(("r1", ["sum"])) as (r1,), control_plane(cp_yaml([r1])) as cp, \
+            proxies(cp.grpc_port, ["DELTA"]) as (app,):
+        await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+        text = await scrape(app)
+        assert total(text, "meshproxy_discovery_connected") == 1
+        assert total(text, "meshproxy_discovery_updates_applied_total") >= 1
+        assert total(text, "meshproxy_discovery_nacks_total", type="Runtime") == 0
+        assert 0 <= total(text, "meshproxy_discovery_seconds_since_update", type="Runtime") < 60
+        bad = resources_pb2.Runtime(name="broken", http_address="nowhere")
+        good = [e.message for e in cp.cache.get(RUNTIME_TYPE).entries.values()]
+        cp.cache.set_resources(RUNTIME_TYPE, good + [bad])
+        await eventually(lambda: app.discovery.state.types[RUNTIME_TYPE].nacks == 1, timeout=5)
+        assert total(await scrape(app), "meshproxy_discovery_nacks_total", type="Runtime") == 1
