@@ -256,3 +256,37 @@ async def test_discovery_health_is_in_the_proxy_metrics():
         cp.cache.set_resources(RUNTIME_TYPE, good + [bad])
         await eventually(lambda: app.discovery.state.types[RUNTIME_TYPE].nacks == 1, timeout=5)
         assert total(await scrape(app), "meshproxy_discovery_nacks_total", type="Runtime") == 1
+
+
+def dashboard_exprs():
+    import pathlib
+    dash = json.loads((pathlib.Path(__file__).parents[2] / "config" / "grafana-dashboard.json")
+                      .read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+async def test_dashboard_queries_name_only_exported_metrics_and_parse(tmp_path):
+    import re
+    from meshproxy.control.metrics import ControlPlaneMetrics
+    from prometheus_client import generate_latest
+    exprs = dashboard_exprs()
+    async with runtimes(("r1", ["sum"])) as rts:
+        async with Proxy(config(*map(rt_yaml, rts))) as p:
+            async with aiohttp.ClientSession() as s:
+                await post(s, p.http_port, "sum")
+            exported = await scrape(p)
+    exported += generate_latest(ControlPlaneMetrics().registry).decode()
+    # discovery families only exist with a control plane; they are tested above
+    exported += "meshproxy_discovery_connected meshproxy_discovery_updates_applied_total " \
+                "meshproxy_discovery_nacks_total meshproxy_discovery_seconds_since_update"
+    names = {n for e in exprs for n in re.findall(r"meshproxy_[a-z0-9_]+", e)}
+    missing = {n for n in names if n not in exported}
+    assert not missing, missing
+    if shutil.which("promtool"):
+        rules = {"groups": [{"name": "dashboard", "rules": [
+            {"record": f"dashboard:q{i}", "expr": e.replace("$__rate_interval", "1m")
+             .replace("$model", ".*")} for i, e in enumerate(exprs)]}]}
+        path = tmp_path / "rules.yml"
+        path.write_text(json.dumps(rules))
+        check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
