@@ -5,7 +5,7 @@ Endpoint objects the balancers pick. `GrpcChannels.get(snapshot, endpoint)` keep
 channel map in step with the snapshot it was last asked with (an identity check per call);
 when the snapshot changes, channels of runtimes that left or moved are closed after a grace
 period so calls in flight on them finish. Channels are made on first use, inside the loop.
-A channel is one HTTP/2 connection that grpc core keeps up (reconnects, keepalive, GOAWAY);
+A channel is one HTTP/2 connection that grpc core keeps up (reconnects, GOAWAY, flow control);
 its multi-callables are cached per method, with identity (de)serializers: bytes in, bytes out.
 """
 
@@ -59,7 +59,6 @@ class GrpcChannels:
             # ends UNAVAILABLE and counts as a connect failure); grpc's own retry filter would
             # retry too and costs about 5% of the CPU of a proxied call.
             ("grpc.enable_retries", 0),
-            ("grpc.keepalive_time_ms", 60_000),
             # A runtime that comes back is found within a second, not after grpc's 2-minute
             # reconnect backoff (calls fail fast meanwhile and are retried elsewhere).
             ("grpc.initial_reconnect_backoff_ms", 100),
