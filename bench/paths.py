@@ -186,7 +186,8 @@ def start_meshproxy(env: Env) -> tuple[Proc, str]:
     port, admin = free_port(), free_port()
     conf = env.work / "meshproxy.yaml"
     conf.write_text(_MESHPROXY_YAML.format(port=port, admin=admin, upstream=env.upstream_port))
-    proc = Proc("meshproxy", [str(exe), "proxy", "-c", str(conf)], env.work, env.proxy_cpu)
+    proc = Proc("meshproxy", [str(exe), "proxy", "-c", str(conf), "--workers", "1"], env.work,
+                env.proxy_cpu)
     _ready_on(proc, f"http://127.0.0.1:{admin}/ready")
     return proc, f"http://127.0.0.1:{port}{INFER_PATH}"
 

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("proxy", help="run the proxy")
     p.add_argument("-c", "--config", required=True, help="YAML bootstrap file")
+    p.add_argument("--workers", type=_positive, metavar="N",
+                   help="processes sharing the listeners (SO_REUSEPORT); default one per core")
 
     p = sub.add_parser("control-plane", help="run the control plane (ADS server, discovery)")
     p.add_argument("-c", "--config", required=True, help="YAML ControlPlaneConfig file")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "proxy":
-        return _proxy(args.config)
+        return _proxy(args.config, args.workers)
     if args.command == "control-plane":
         return _control_plane(args.config)
     if args.command == "runtime":
@@ -62,30 +64,44 @@ def _check_config(path: str) -> int:
     return 0
 
 
-def _proxy(path: str) -> int:
+def _proxy(path: str, workers: int | None = None) -> int:
     try:
         config = load_file(path)
     except ConfigError as e:
         print(f"meshproxy: invalid config: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    from meshproxy import workers as worker_procs
+    count = workers or worker_procs.default_count()
+    if count > 1:
+        return worker_procs.supervise(path, config, count)
+    return _run(serve_proxy(config, path))
+
+
+async def serve_proxy(config, path: str, reuse_port: bool = False, announce=None) -> None:
+    """One proxy process until SIGTERM/SIGINT; its ready line goes to `announce` (stdout)."""
     from meshproxy.app import ProxyApp
+    app = ProxyApp(config, config_path=path)
+    app.reuse_port = reuse_port
+    try:
+        await app.start()
+    except OSError as e:
+        raise SystemExit(f"meshproxy: cannot listen: {e}") from None
+    grpc_at = (f"{config.grpc_address.host}:{app.grpc_port}" if app.grpc_server is not None
+               else "disabled")
+    print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
+          f"admin={config.admin_address.host}:{app.admin_port} grpc={grpc_at}",
+          file=announce or sys.stdout, flush=True)
+    try:
+        await _until_signalled()
+    finally:
+        await app.stop()
 
-    async def serve() -> None:
-        app = ProxyApp(config, config_path=path)
-        try:
-            await app.start()
-        except OSError as e:
-            raise SystemExit(f"meshproxy: cannot listen: {e}") from None
-        grpc_at = (f"{config.grpc_address.host}:{app.grpc_port}" if app.grpc_server is not None
-                   else "disabled")
-        print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
-              f"admin={config.admin_address.host}:{app.admin_port} grpc={grpc_at}", flush=True)
-        try:
-            await _until_signalled()
-        finally:
-            await app.stop()
 
-    return _run(serve())
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
 
 
 def _control_plane(path: str) -> int:

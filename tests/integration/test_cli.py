@@ -62,7 +62,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
                        f"admin: {{address: '127.0.0.1:0'}}\n"
                        f"static_resources: {{runtimes: [{{name: slow, http_address: '127.0.0.1:{rport}', "
                        f"models: [{{name: sum}}]}}]}}\n")
-        proxy = await spawn("proxy", "-c", str(cfg))
+        proxy = await spawn("proxy", "-c", str(cfg), "--workers", "1")  # one admin sees all
         m = await first_line(proxy, r"rest=127\.0\.0\.1:(\d+) admin=127\.0\.0\.1:(\d+)")
         port, admin = m.group(1), m.group(2)
         async with aiohttp.ClientSession() as s:

@@ -1,0 +1,244 @@
+"""`meshproxy proxy --workers N`: N proxy processes sharing the REST and gRPC ports (SO_REUSEPORT).
+
+How it works. The parent has validated the config (bad config exits 64 before this module
+runs, so nothing is bound). It spawns N fresh interpreters (`python -m meshproxy.workers`; no
+fork, so no gRPC or event-loop state crosses a fork): worker 0 first, then, once it is ready,
+the others, told the ports worker 0 got when the config says port 0. Each worker is a whole proxy: it loads the file itself, binds
+both listeners with SO_REUSEPORT, runs its own snapshot, pools, health checks, ADS stream and
+file watcher, and writes its ready line to a pipe the parent reads. The kernel spreads new
+connections over the workers' listening sockets; a connection stays with the worker that
+accepted it.
+
+Admin: only worker 0 binds the configured admin address (so /ready, /metrics, /clusters and
+/config_dump there are worker 0's view); workers 1..N-1 serve their own admin on an ephemeral
+port of 127.0.0.1, listed in the parent's ready line. Metrics are per worker until the
+observability issue adds multiprocess collection. In sidecar mode only worker 0 reports the
+local runtime (a runtime name can have one registration stream); the others learn it over ADS.
+
+The parent forwards SIGTERM and SIGINT to every worker (each drains within drain_timeout) and
+exits 0 once all workers exited 0. It restarts nothing: a worker that exits on its own makes
+the parent stop the others and exit with that worker's code, so the supervisor above
+(Kubernetes, systemd) restarts the whole proxy. Workers get SIGTERM if the parent dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+
+from meshproxy.config import EXIT_CONFIG, Address, ConfigError, ProxyConfig, load_file
+
+log = logging.getLogger("meshproxy.workers")
+KILL_AFTER = 5.0  # seconds past drain_timeout before a worker that has not exited is killed
+_PR_SET_PDEATHSIG = 1
+
+
+def default_count() -> int:
+    """One worker per core this process may use: CPU affinity, capped by a cgroup v2 quota
+    (a container limited to 2 CPUs on a 64-core node gets 2, not 64)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota = cpu_quota(f.read())
+    except OSError:
+        quota = None
+    return max(1, min(cores or 1, quota or cores or 1))
+
+
+def cpu_quota(cpu_max: str) -> int | None:
+    """Whole CPUs allowed by a cgroup v2 `cpu.max` ("150000 100000" -> 2); None: no limit."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    return max(1, math.ceil(int(parts[0]) / int(parts[1])))
+
+
+def worker_config(config: ProxyConfig, index: int, http_port: int | None = None,
+                  grpc_port: int | None = None) -> ProxyConfig:
+    """Worker `index`'s view of the config: reserved ports filled in; only worker 0 keeps the
+    admin address and the sidecar registration."""
+    changes: dict = {}
+    if http_port is not None:
+        changes["http_address"] = Address(config.http_address.host, http_port)
+    if grpc_port is not None and config.grpc_address is not None:
+        changes["grpc_address"] = Address(config.grpc_address.host, grpc_port)
+    if index > 0:
+        changes["admin_address"] = Address("127.0.0.1", 0)
+        if config.dynamic is not None and config.dynamic.sidecar is not None:
+            changes["dynamic"] = dataclasses.replace(config.dynamic, sidecar=None)
+    return dataclasses.replace(config, **changes)
+
+
+# --- the parent ----------------------------------------------------------------------------
+
+
+def supervise(path: str, config: ProxyConfig, count: int) -> int:
+    """Run `count` workers for the config file at `path` until they have all exited."""
+    return asyncio.run(_Parent(path, config, count).run())
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    proc: asyncio.subprocess.Process
+    ready: dict[str, str] | None = None  # the fields of its ready line
+
+
+class _Parent:
+    def __init__(self, path: str, config: ProxyConfig, count: int):
+        self.path, self.config, self.count = path, config, count
+        self.ports: dict[str, str] = {}  # listeners configured with port 0: worker 0's ports
+        self.workers: list[_Worker] = []
+        self.stopping = False
+        self.code = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, sig)
+        exits = []
+        ready = await self._spawn(0, exits)
+        if ready and not self.stopping:
+            self._learn_ports(self.workers[0].ready)
+            others = await asyncio.gather(*(self._spawn(i, exits) for i in range(1, self.count)))
+            if all(others) and not self.stopping:
+                self._announce()
+        await asyncio.gather(*exits)
+        return self.code
+
+    def _learn_ports(self, fields: dict[str, str]) -> None:
+        for key, addr, field in (("http", self.config.http_address, "rest"),
+                                 ("grpc", self.config.grpc_address, "grpc")):
+            if addr is not None and addr.port == 0:
+                self.ports[key] = fields.get(field, "").rpartition(":")[2]
+
+    async def _spawn(self, index: int, exits: list) -> bool:
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "meshproxy.workers", "--config", self.path,
+               "--index", str(index), "--ready-fd", str(write_fd), "--parent", str(os.getpid()),
+               "--log-level", logging.getLevelName(logging.getLogger().level).lower()]
+        for key, port in self.ports.items():
+            cmd += [f"--{key}-port", str(port)]
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        worker = _Worker(index, proc)
+        self.workers.append(worker)
+        self.workers.sort(key=lambda w: w.index)
+        if self.stopping:  # a signal came while it started
+            proc.send_signal(signal.SIGTERM)
+        exits.append(asyncio.get_running_loop().create_task(self._watch(worker)))
+        return await self._read_ready(worker, read_fd)
+
+    async def _read_ready(self, worker: _Worker, read_fd: int) -> bool:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb"))
+        try:
+            line = (await reader.readline()).decode()
+        finally:
+            transport.close()
+        if not line.startswith("meshproxy ready "):
+            return False  # it exited first; _watch has the code
+        worker.ready = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+        return True
+
+    def _announce(self) -> None:
+        first = self.workers[0].ready
+        pids = ",".join(str(w.proc.pid) for w in self.workers)
+        admins = ",".join(w.ready.get("admin", "?") for w in self.workers)
+        print(f"meshproxy ready rest={first.get('rest')} admin={first.get('admin')} "
+              f"grpc={first.get('grpc')} workers={self.count} pids={pids} worker_admins={admins}",
+              flush=True)
+
+    async def _watch(self, worker: _Worker) -> None:
+        code = await worker.proc.wait()
+        if code != 0 and self.code == 0:
+            self.code = code if code > 0 else 128 - code  # killed by a signal: 128 + signo
+        if not self.stopping:
+            log.error("worker %d (pid %d) exited with %d; stopping the others",
+                      worker.index, worker.proc.pid, code)
+            self.stop(signal.SIGTERM)
+
+    def stop(self, sig: int) -> None:
+        """Forward sig to every worker still running; kill what outlives its drain."""
+        if not self.stopping:
+            self.stopping = True
+            asyncio.get_running_loop().call_later(
+                self.config.drain_timeout + KILL_AFTER, self._kill_leftovers)
+        for w in self.workers:
+            if w.proc.returncode is None:
+                w.proc.send_signal(sig)
+
+    def _kill_leftovers(self) -> None:
+        for w in self.workers:
+            if w.proc.returncode is None:
+                log.error("worker %d (pid %d) still running after drain; killing it",
+                          w.index, w.proc.pid)
+                w.proc.kill()
+
+
+# --- a worker ------------------------------------------------------------------------------
+
+
+def _worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m meshproxy.workers")
+    p.add_argument("--config", required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s")
+    _die_with_parent(args.parent)
+    try:
+        config = load_file(args.config)
+    except ConfigError as e:  # the file changed since the parent read it
+        print(f"meshproxy: invalid config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    config = worker_config(config, args.index, args.http_port, args.grpc_port)
+    _share_grpc_port()
+    from meshproxy import cli
+    with os.fdopen(args.ready_fd, "w") as ready:
+        return cli._run(cli.serve_proxy(config, args.config, reuse_port=True, announce=ready))
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM (a drain) when the parent dies, so no worker outlives a killed parent."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: workers then outlive a SIGKILLed parent
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _share_grpc_port() -> None:
+    """Make the gRPC listener join the port's SO_REUSEPORT group.
+
+    ingress/grpc.py sets `grpc.so_reuseport` 0 so that a lone proxy on a busy port fails
+    instead of sharing it; grpc takes the first value of a repeated option, so a worker puts
+    1 in front. This goes when grpc_ingress.start_server takes a reuse_port argument.
+    """
+    import grpc.aio
+    make = grpc.aio.server
+
+    def server(*args, options=None, **kwargs):
+        return make(*args, options=[("grpc.so_reuseport", 1), *(options or ())], **kwargs)
+    grpc.aio.server = server
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,111 @@
+"""`meshproxy proxy --workers 2`: both workers serve one port, SIGTERM drains both, a dead worker
+stops the proxy."""
+
+import asyncio
+import os
+import re
+import signal
+import sys
+
+import aiohttp
+import pytest
+
+from tests.integration.harness import runtimes
+
+MESHPROXY = [sys.executable, "-m", "meshproxy"]
+BODY = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [2, 3]}]}
+READY = re.compile(r"meshproxy ready rest=127\.0\.0\.1:(\d+) admin=\S+ grpc=127\.0\.0\.1:(\d+) "
+                   r"workers=2 pids=(\d+),(\d+) worker_admins=(\S+),(\S+)")
+
+
+@pytest.fixture
+async def workers(tmp_path):
+    """A runtime answering in 300 ms and `meshproxy proxy --workers 2` in front of it (port 0:
+    worker 1 joins the ports worker 0 got)."""
+    async with runtimes(("slow", ["sum"]), latency_ms=300) as (rt,):
+        cfg = tmp_path / "proxy.yaml"
+        cfg.write_text("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+                       "admin: {address: '127.0.0.1:0'}\ndrain_timeout: 5s\n"
+                       "static_resources: {runtimes: [{name: slow, http_address: "
+                       f"'127.0.0.1:{rt.http_port}', models: [{{name: sum}}]}}]}}\n")
+        proc = await asyncio.create_subprocess_exec(
+            *MESHPROXY, "proxy", "-c", str(cfg), "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(15):
+                line = (await proc.stdout.readline()).decode()
+            m = READY.search(line)
+            assert m, (line, await proc.stderr.read())
+            yield proc, int(m[1]), (int(m[3]), int(m[4])), (m[5], m[6])
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def served(session: aiohttp.ClientSession, admin: str) -> float:
+    async with session.get(f"http://{admin}/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("meshproxy_requests_total{"))
+
+
+async def active(session: aiohttp.ClientSession, admin: str) -> int:
+    async with session.get(f"http://{admin}/clusters") as r:
+        return (await r.json())["endpoints"][0]["active_requests"]
+
+
+async def test_both_workers_serve_the_port_and_sigterm_drains_both(workers):
+    proc, port, pids, admins = workers
+    assert all(_parent(pid) == proc.pid for pid in pids)
+    url = f"http://127.0.0.1:{port}/v2/models/sum/infer"
+    async with aiohttp.ClientSession() as s:
+        # 16 concurrent requests, each on its own connection: the kernel spreads connections
+        # over the two listening sockets by hash (all on one worker: p = 2 * 2**-16).
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as each:
+            statuses = await asyncio.gather(*(_post(each, url) for _ in range(16)))
+        assert statuses == [200] * 16
+        counts = [await served(s, a) for a in admins]
+        assert sum(counts) == 16 and min(counts) > 0, counts
+        # Requests in flight on every connection when SIGTERM comes: all answered, then exit 0.
+        pending = [asyncio.ensure_future(_post(s, url)) for _ in range(6)]
+        async with asyncio.timeout(10):
+            while sum([await active(s, a) for a in admins]) < 6:
+                pass
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.gather(*pending) == [200] * 6
+    async with asyncio.timeout(15):
+        assert await proc.wait() == 0
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+async def test_a_worker_that_dies_stops_the_proxy(workers):
+    proc, _, pids, _ = workers
+    os.kill(pids[1], signal.SIGKILL)
+    async with asyncio.timeout(15):
+        assert await proc.wait() == 128 + signal.SIGKILL
+    assert not os.path.exists(f"/proc/{pids[0]}")
+    assert b"worker 1" in await proc.stderr.read()
+
+
+async def test_bad_config_exits_64_before_any_worker_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listeners: {http_address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{}]}\n")
+    proc = await asyncio.create_subprocess_exec(
+        *MESHPROXY, "proxy", "-c", str(bad), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(15):
+        out, err = await proc.communicate()
+    assert proc.returncode == 64 and b"static_resources.runtimes[0]" in err and not out
+
+
+async def _post(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.post(url, json=BODY) as r:
+        await r.read()
+        return r.status
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
