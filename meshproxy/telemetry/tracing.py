@@ -50,15 +50,21 @@ class Tracing:
         self.propagator = TraceContextTextMapPropagator()
 
     def start_request(self, ex, model: str) -> None:
-        """The server span, child of the client's traceparent when it sent one."""
+        """The server span, child of the client's traceparent when it sent one.
+
+        A request the sampler drops gets no spans at all (ex.span stays None) and its
+        traceparent, if any, goes upstream untouched: the cost of an unsampled request is
+        one sampling decision."""
         carrier = {n.lower().decode(): v.decode("latin-1") for n, v in ex.headers
                    if n.lower() in _TRACE_HEADERS}
         parent = self.propagator.extract(carrier) if carrier else None
-        ex.span = self.tracer.start_span(
+        span = self.tracer.start_span(
             f"{ex.method.decode()} {model}", context=parent, kind=SpanKind.SERVER,
             attributes={"http.request.method": ex.method.decode(),
                         "url.path": ex.url.split(b"?", 1)[0].decode("latin-1"),
                         "meshproxy.model": model, "meshproxy.protocol": "rest"})
+        if span.is_recording():
+            ex.span = span
 
     def start_try(self, ex, endpoint) -> tuple[trace.Span, bytes]:
         """A client span for this try, and the request head carrying its traceparent."""

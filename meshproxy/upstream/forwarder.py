@@ -86,9 +86,8 @@ class Exchange:
         endpoint.active += 1
         endpoint.total += 1
         self.in_try = True
-        tracing = self.conn.ctx.tracing
-        if tracing is not None:
-            self.try_span, self.outbox[0] = tracing.start_try(self, endpoint)
+        if self.span is not None:  # set only when tracing is on and this request is sampled
+            self.try_span, self.outbox[0] = self.conn.ctx.tracing.start_try(self, endpoint)
         self.t_try = time.perf_counter()
         if conn is not None:
             self.upstream = conn
