@@ -224,9 +224,9 @@ def meshproxy_ok(admin: int) -> float:
 
 def measure(name: str, proc: Proc | None, port: int, upstream: int, body: Path, message: bytes,
             args) -> dict:
-    # Latency first, on a quiet proxy, then throughput.
-    lat = asyncio.run(paced_latencies(port, message, 100, args.latency_seconds))
     h2load(port, body, 1, args.clients, args.streams)  # warm-up: connections, caches
+    # Latency on a warm but quiet proxy, then throughput.
+    lat = asyncio.run(paced_latencies(port, message, 100, args.latency_seconds))
     before = upstream_count(upstream)
     ok_before = meshproxy_ok(proc.admin) if name == "meshproxy" else 0
     meter = Meter(proc.pid if proc else None, PROXY_CPU)
