@@ -245,6 +245,15 @@ async def test_header_rule_on_metadata_picks_the_canary():
         assert dict(await stable.initial_metadata())["x-meshproxy-upstream"] == "stable"
 
 
+async def test_rate_limit_is_resource_exhausted_with_retry_after():
+    routes = "- model: sum\n  rate_limit: {requests_per_second: 0.5, burst: 1}\n"
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts, routes=routes) as app, stub(app) as s:
+        await s.ModelInfer(sum_request(1))
+        err = await rpc_error(s.ModelInfer(sum_request(1)))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "'sum'" in err.details()
+        assert int(dict(err.trailing_metadata())["retry-after"]) >= 1
+
+
 async def test_stream_with_a_message_for_another_model_ends_invalid():
     async with runtimes(("r1", ["sum", "identity"])) as rts, proxy(rts) as app, stub(app) as s:
         async def messages():
