@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import pathlib
 import sys
 import textwrap
 
@@ -19,6 +20,7 @@ from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
 from tests.integration.harness import eventually, free_port
 
 SERVICE = "/inference.GRPCInferenceService/"
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # where `-m tests.integration...` resolves
 
 
 @contextlib.asynccontextmanager
@@ -80,7 +82,7 @@ async def triton(app: ProxyApp, *args: str) -> dict:
     """Run tests/integration/triton_client.py against the proxy; its JSON answer."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.integration.triton_client", f"127.0.0.1:{app.grpc_port}",
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
         async with asyncio.timeout(15):
             out, err = await proc.communicate()
