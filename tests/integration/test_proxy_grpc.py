@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import pathlib
+import re
 import sys
 import textwrap
 
@@ -417,3 +418,59 @@ async def test_stop_lets_a_call_in_flight_finish_and_refuses_new_ones():
             await stopping
             err = await rpc_error(s.ModelInfer(sum_request(1), timeout=2))
             assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@contextlib.asynccontextmanager
+async def runtime_process(name: str, models: list[str]):
+    """`meshproxy runtime` in its own process (so it can be killed -9); yields (proc, entry)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshproxy", "runtime", "--name", name, "--models", ",".join(models),
+        "--http-port", "0", "--grpc-port", "0", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
+    try:
+        async with asyncio.timeout(15):
+            line = (await proc.stdout.readline()).decode()
+        m = re.search(r"http=127\.0\.0\.1:(\d+) grpc=127\.0\.0\.1:(\d+)", line)
+        assert m, line
+
+        class Listed:
+            def loaded_models(self):
+                return models
+
+        rt = Listed()
+        rt.name, rt.http_port, rt.grpc_port = name, int(m.group(1)), int(m.group(2))
+        yield proc, rt
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_runtime_killed_9_under_load_fails_no_unary_call():
+    async with runtimes(("r1", ["identity"])) as (r1,), \
+            runtime_process("r2", ["identity"]) as (victim, r2), \
+            proxy([r1, r2]) as app, stub(app) as s:
+        done = {"r1": 0, "r2": 0}
+        failures = []
+        stop = asyncio.Event()
+
+        async def client():
+            while not stop.is_set():
+                try:
+                    reply = await s.ModelInfer(sum_request(1, model="identity"), timeout=5)
+                    done[reply.parameters["runtime"].string_param] += 1
+                except grpc.aio.AioRpcError as e:
+                    failures.append(e)
+
+        clients = [asyncio.create_task(client()) for _ in range(3)]
+        try:
+            await eventually(lambda: min(done.values()) >= 10, timeout=10)
+            victim.kill()
+            await victim.wait()
+            after = done["r1"]
+            await eventually(lambda: done["r1"] >= after + 100, timeout=10)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        assert failures == []
+        assert app.registry.endpoints["r2"].ejected  # its failed tries were retried on r1
