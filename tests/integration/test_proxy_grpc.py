@@ -67,9 +67,10 @@ async def proxy(rts=(), routes: str = "", extra: str = "", listed=None, dead=Non
 
 
 @contextlib.asynccontextmanager
-async def stub(app: ProxyApp):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
+async def stub(app: ProxyApp, max_receive: int = 4 * 1024 * 1024):
+    options = [("grpc.max_receive_message_length", max_receive)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}", options=options) as ch:
+        yield pb_grpc.GRPCInferenceServiceStub(ch)
 
 
 def sum_request(*values: float, model: str = "sum", **fields) -> pb.ModelInferRequest:
@@ -217,6 +218,17 @@ async def test_split_rewrites_the_model_in_the_request():
             first = first or reply
             assert reply.error_message == "" and reply.infer_response.model_name == "sum"
         assert first is not None
+
+
+async def test_tensors_over_grpcs_4_mib_default_pass_both_ways():
+    values = 1_300_000  # 5.2 MB of FP32, sent and answered raw
+    msg = pb.ModelInferRequest(model_name="identity")
+    msg.inputs.add(name="input0", datatype="FP32", shape=[values])
+    msg.raw_input_contents.append(b"\x00\x00\x80\x3f" * values)  # 1.0f
+    async with runtimes(("r1", ["identity"])) as rts, proxy(rts) as app, \
+            stub(app, max_receive=8 * 1024 * 1024) as s:
+        reply = await s.ModelInfer(msg, timeout=10)
+        assert reply.raw_output_contents[0] == msg.raw_input_contents[0]
 
 
 async def test_message_size_limit_and_a_listener_turned_off():
