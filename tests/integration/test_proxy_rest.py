@@ -207,3 +207,14 @@ async def test_admin_shows_clusters_config_and_metrics():
         assert samples[("meshproxy_requests_total", (("code", "404"), ("code_class", "4xx"),
                                                      ("model", ""), ("protocol", "rest"),
                                                      ("runtime", "")))] == 1
+
+
+async def test_idle_keep_alive_connections_are_closed_after_idle_timeout():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts, extra="http: {idle_timeout: 0.3s}\n") as p:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+        writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: a\r\n\r\n")
+        async with asyncio.timeout(5):
+            first = await reader.readuntil(b"true}")
+            assert statuses(first) == [200]
+            assert await reader.read() == b""  # closed by the proxy once idle, not by us
+        writer.close()
