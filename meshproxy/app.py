@@ -92,7 +92,8 @@ class ProxyApp:
         if self.config.grpc_address is not None:
             self.grpc_server, self.grpc_port = await grpc_ingress.start_server(
                 self._grpc_context(), self.config.grpc_address.host,
-                self.config.grpc_address.port, self.config.grpc.max_message_bytes)
+                self.config.grpc_address.port, self.config.grpc.max_message_bytes,
+                reuse_port=self.reuse_port)
         admin = self.config.admin_address
         web_app = build_admin(self)
         if self.discovery is not None:

@@ -293,11 +293,12 @@ class InferenceProxy(grpc.GenericRpcHandler):
         return response
 
 
-async def start_server(ctx: GrpcContext, host: str, port: int,
-                       max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """Bind and start the listener; returns the server and the port it got."""
+async def start_server(ctx: GrpcContext, host: str, port: int, max_message_bytes: int,
+                       reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+    """Bind and start the listener; returns the server and the port it got. Without
+    `reuse_port` (worker processes sharing the port) a second proxy on a busy port fails."""
     server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 0),  # a second proxy on a busy port must fail, not share it
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ])
