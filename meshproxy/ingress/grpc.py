@@ -23,6 +23,7 @@ import grpc
 from meshproxy import __version__, grpc_wire
 from meshproxy._proto.inference import grpc_service_pb2 as pb
 from meshproxy.errors import BadRequest, NoHealthyUpstream, ProxyError, Unimplemented, render_grpc
+from meshproxy.ingress.grpc_tracing import GrpcTracing
 from meshproxy.model_name import validate
 from meshproxy.upstream.grpc_forward import GrpcForwarder, StreamOutcome
 from meshproxy.upstream.grpc_pool import GrpcChannels
@@ -41,7 +42,7 @@ class GrpcContext:
     def __init__(self, model_headers: tuple[bytes, ...], upstream_header: bool, metrics,
                  snapshot: Callable, ready: Callable[[], bool], rnd: Callable[[], float],
                  channels: GrpcChannels, outlier_success: Callable | None = None,
-                 outlier_failure: Callable | None = None):
+                 outlier_failure: Callable | None = None, tracing=None):
         self.model_headers = frozenset(h.decode() for h in model_headers)
         self.first_header = model_headers[0].decode() if model_headers else "model"
         self.upstream_header = upstream_header
@@ -53,12 +54,15 @@ class GrpcContext:
         # Each try is reported: success(endpoint), failure(endpoint, HTTP-equivalent status).
         self.outlier_success = outlier_success or (lambda endpoint: None)
         self.outlier_failure = outlier_failure or (lambda endpoint, status: None)
+        # Spans when traces are on (telemetry.tracing.Tracing shared with REST), else None.
+        self.tracing = GrpcTracing(tracing) if tracing is not None else None
 
 
 class Request:
     """One routed call: the model, the message with what scan() found, the metadata to forward."""
 
-    __slots__ = ("model", "message", "named", "version", "front", "metadata", "model_keys")
+    __slots__ = ("model", "message", "named", "version", "front", "metadata", "model_keys",
+                 "span")
 
     def __init__(self, model: str, message: bytes | None, named: bool, version: bytes | None,
                  front: int, metadata: tuple, model_keys: frozenset[str]):
@@ -69,6 +73,7 @@ class Request:
         self.front = front
         self.metadata = metadata
         self.model_keys = model_keys
+        self.span = None  # the call's server span when traced
 
     def header_of(self, name: str) -> bytes | None:
         """A metadata value by (lower-case) name, for header rules and hash keys."""
@@ -182,12 +187,14 @@ class InferenceProxy(grpc.GenericRpcHandler):
         t0 = time.perf_counter()
         model = runtime = ""
         code = "OK"
-        response = None
+        response = span = None
         try:
             req = read_request(ctx, context.invocation_metadata(), message)
             if req is None:
                 raise self._no_model("the request")
             model = req.model
+            if ctx.tracing is not None:
+                span = req.span = ctx.tracing.start_call(method, model, req.metadata)
             snapshot = ctx.snapshot()
             try:
                 target, balancer = snapshot.match(model, req.version_name(), ctx.rnd,
@@ -207,6 +214,8 @@ class InferenceProxy(grpc.GenericRpcHandler):
             raise
         finally:
             self._count(model, code, runtime, t0, len(message), len(response or b""))
+            if span is not None:
+                ctx.tracing.end(span, code, runtime)
 
     async def ModelStreamInfer(self, requests, context):
         """Route by the metadata or the first message; pinned to one runtime for its life."""
@@ -214,6 +223,7 @@ class InferenceProxy(grpc.GenericRpcHandler):
         t0 = time.perf_counter()
         model = ""
         outcome = StreamOutcome()
+        span = None
         try:
             md = context.invocation_metadata()
             req, first = read_request(ctx, md, None), None
@@ -226,6 +236,9 @@ class InferenceProxy(grpc.GenericRpcHandler):
                 if req is None:
                     raise self._no_model("the stream's first message")
             model = req.model
+            if ctx.tracing is not None:
+                span = req.span = ctx.tracing.start_call(SERVICE + "ModelStreamInfer", model,
+                                                         req.metadata)
             snapshot = ctx.snapshot()
             target, balancer = snapshot.match(
                 model, req.version_name(), ctx.rnd, req.header_of, time.monotonic())
@@ -239,6 +252,8 @@ class InferenceProxy(grpc.GenericRpcHandler):
             raise
         finally:
             self._count(model, outcome.code, outcome.runtime, t0)
+            if span is not None:
+                ctx.tracing.end(span, outcome.code, outcome.runtime)
 
     def _count(self, model: str, code: str, runtime: str, t0: float, bytes_in: int = 0,
                bytes_out: int = 0) -> None:

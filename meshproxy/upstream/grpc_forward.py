@@ -96,7 +96,7 @@ class GrpcForwarder:
                                   else min(remaining, target.timeout))
         budget.active_requests += 1
         retrying = False
-        endpoint = None
+        endpoint = reason = None
         tries = 0
         try:
             while True:
@@ -105,8 +105,9 @@ class GrpcForwarder:
                 now = loop.time()
                 try_deadline = deadline if policy.per_try_timeout is None else min(
                     deadline, now + policy.per_try_timeout)
-                call, response, err = await self._try(channel.unary(method), message, metadata,
-                                                      try_deadline - now, endpoint)
+                call, response, err = await self._try(
+                    channel.unary(method), message, metadata, try_deadline - now, endpoint, req,
+                    target, tries, reason)
                 if err is None:
                     await self._relay_ok(context, call, endpoint)
                     return response, endpoint.name, "OK"
@@ -145,14 +146,22 @@ class GrpcForwarder:
             return False
         return True
 
-    async def _try(self, callable_, message: bytes, metadata, timeout: float, endpoint):
+    async def _try(self, callable_, message: bytes, metadata, timeout: float, endpoint, req,
+                   target, tries: int, reason: str | None):
         """One call to one runtime: (call, answer, None), or (call, None, its AioRpcError)."""
+        tracing, span = self.ctx.tracing, None
+        if req.span is not None:
+            span, metadata = tracing.start_try(req.span, metadata, endpoint, target.model,
+                                               tries + 1, reason)
         endpoint.active += 1
         endpoint.total += 1
         call = callable_(message, timeout=max(timeout, 0.0), metadata=metadata)
+        code = "CANCELLED"
         try:
             response = await call
+            code = "OK"
         except grpc.aio.AioRpcError as e:
+            code = e.code().name
             self._report(endpoint, e.code())
             return call, None, e
         except asyncio.CancelledError:
@@ -160,6 +169,8 @@ class GrpcForwarder:
             raise
         finally:
             endpoint.active -= 1
+            if span is not None:
+                tracing.end(span, code)
         self.ctx.outlier_success(endpoint)
         return call, response, None
 
@@ -218,10 +229,14 @@ class GrpcForwarder:
         channel = self.channel(snapshot, endpoint, target, req.model)
         outcome.runtime = endpoint.name
         pump = StreamPump(req, target, first, requests)
+        metadata, span = req.forwarded_metadata(target), None
+        if req.span is not None:
+            span, metadata = self.ctx.tracing.start_try(req.span, metadata, endpoint,
+                                                        target.model, 1, None)
         endpoint.active += 1
         endpoint.total += 1
         call = channel.stream(STREAM_METHOD)(pump.messages(), timeout=context.time_remaining(),
-                                             metadata=req.forwarded_metadata(target))
+                                             metadata=metadata)
         try:
             await self._send_initial(context, await call.initial_metadata(), endpoint)
             async for response in call:
@@ -244,6 +259,8 @@ class GrpcForwarder:
             endpoint.active -= 1
             if not call.done():
                 call.cancel()
+            if span is not None:
+                self.ctx.tracing.end(span, outcome.code)
 
 
 class StreamPump:

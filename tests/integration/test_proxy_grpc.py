@@ -47,7 +47,8 @@ def runtime_entry(name: str, http_port: int, grpc_port: int, models: list[str]) 
 
 
 @contextlib.asynccontextmanager
-async def proxy(rts=(), routes: str = "", extra: str = "", listed=None, dead=None):
+async def proxy(rts=(), routes: str = "", extra: str = "", listed=None, dead=None,
+                span_exporter=None):
     """A proxy with its gRPC listener on a free port in front of `rts`; `listed` overrides the
     models a runtime is said to hold; `dead` adds runtimes where nothing listens."""
     body = "".join(runtime_entry(rt.name, rt.http_port, rt.grpc_port,
@@ -58,7 +59,7 @@ async def proxy(rts=(), routes: str = "", extra: str = "", listed=None, dead=Non
             "admin: {address: '127.0.0.1:0'}\n" + textwrap.dedent(extra)
             + "static_resources:\n  runtimes:\n" + body
             + ("  routes:\n" + textwrap.indent(textwrap.dedent(routes), "    ") if routes else ""))
-    app = ProxyApp(load_text(text))
+    app = ProxyApp(load_text(text), span_exporter=span_exporter)
     await app.start()
     try:
         yield app
@@ -486,3 +487,30 @@ async def test_runtime_killed_9_under_load_fails_no_unary_call():
             await asyncio.gather(*clients)
         assert failures == []
         assert app.registry.endpoints["r2"].ejected  # its failed tries were retried on r1
+
+
+async def test_spans_join_the_clients_trace_and_the_runtime_gets_the_try_span():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    seen = {}
+
+    async def infer(message: bytes, context):
+        seen.update(context.invocation_metadata())
+        return pb.ModelInferResponse(model_name="m").SerializeToString()
+
+    exporter = InMemorySpanExporter()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with raw_runtime("raw", "m", infer) as rt, \
+            proxy([rt], span_exporter=exporter) as app, stub(app) as s:
+        await s.ModelInfer(sum_request(1, model="m"),
+                           metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),))
+        app.ctx.tracing.provider.force_flush()
+        spans = {sp.name: sp for sp in exporter.get_finished_spans()}
+    server, upstream = spans["grpc ModelInfer m"], spans["upstream raw"]
+    assert f"{server.context.trace_id:032x}" == trace_id
+    assert server.parent.span_id == 0x00f067aa0ba902b7
+    assert upstream.parent.span_id == server.context.span_id
+    assert server.attributes["rpc.grpc.status_code"] == 0
+    assert server.attributes["meshproxy.runtime"] == "raw"
+    _, tid, sid, _ = seen["traceparent"].split("-")
+    assert (tid, sid) == (trace_id, f"{upstream.context.span_id:016x}")
