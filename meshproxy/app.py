@@ -114,7 +114,8 @@ class ProxyApp:
         return grpc_ingress.GrpcContext(
             self.config.http.model_headers, self.config.http.upstream_header, self.metrics,
             lambda: self.ctx.snapshot, self.ready, random.random, self.grpc_channels,
-            self.ctx.outlier.success, self.ctx.outlier_failure, self.ctx.tracing)
+            self.ctx.outlier.success, self.ctx.outlier_failure, self.ctx.tracing,
+            self.ctx.access_log)
 
     def ready(self) -> bool:
         return self.server is not None and not self.ctx.draining

@@ -29,6 +29,7 @@ from meshproxy.upstream.grpc_forward import GrpcForwarder, StreamOutcome
 from meshproxy.upstream.grpc_pool import GrpcChannels
 
 SERVICE = "/inference.GRPCInferenceService/"
+STREAM = SERVICE + "ModelStreamInfer"
 # Not forwarded: they describe this hop (grpc core sets its own) or the deadline travels apart.
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "transfer-encoding",
                         "upgrade", "host", "user-agent", "content-type", "grpc-timeout",
@@ -42,7 +43,7 @@ class GrpcContext:
     def __init__(self, model_headers: tuple[bytes, ...], upstream_header: bool, metrics,
                  snapshot: Callable, ready: Callable[[], bool], rnd: Callable[[], float],
                  channels: GrpcChannels, outlier_success: Callable | None = None,
-                 outlier_failure: Callable | None = None, tracing=None):
+                 outlier_failure: Callable | None = None, tracing=None, access_log=None):
         self.model_headers = frozenset(h.decode() for h in model_headers)
         self.first_header = model_headers[0].decode() if model_headers else "model"
         self.upstream_header = upstream_header
@@ -56,13 +57,14 @@ class GrpcContext:
         self.outlier_failure = outlier_failure or (lambda endpoint, status: None)
         # Spans when traces are on (telemetry.tracing.Tracing shared with REST), else None.
         self.tracing = GrpcTracing(tracing) if tracing is not None else None
+        self.access_log = access_log  # telemetry.access_log.AccessLog when it is on
 
 
 class Request:
     """One routed call: the model, the message with what scan() found, the metadata to forward."""
 
     __slots__ = ("model", "message", "named", "version", "front", "metadata", "model_keys",
-                 "span")
+                 "span", "target", "endpoint", "tries")
 
     def __init__(self, model: str, message: bytes | None, named: bool, version: bytes | None,
                  front: int, metadata: tuple, model_keys: frozenset[str]):
@@ -74,6 +76,8 @@ class Request:
         self.metadata = metadata
         self.model_keys = model_keys
         self.span = None  # the call's server span when traced
+        self.target = self.endpoint = None  # set as the call is routed and tried
+        self.tries = 0
 
     def header_of(self, name: str) -> bytes | None:
         """A metadata value by (lower-case) name, for header rules and hash keys."""
@@ -113,6 +117,23 @@ class Request:
                              self.model)
         return Request(self.model, message, bool(raw), version, front, self.metadata,
                        self.model_keys)
+
+
+class CallLog:
+    """A finished call in the shape the access log reads (the fields of a REST Exchange)."""
+
+    __slots__ = ("span", "t0", "t_sent", "method", "url", "model", "target", "status",
+                 "endpoint", "tries", "body_bytes", "bytes_out")
+
+    def __init__(self, method: str, req: Request | None, code: str, t0: float, bytes_in: int,
+                 bytes_out: int):
+        self.method, self.url, self.status, self.t0, self.t_sent = b"POST", method, code, t0, None
+        self.model = req.model if req is not None else ""
+        self.span = req.span if req is not None else None
+        self.target = req.target if req is not None else None
+        self.endpoint = req.endpoint if req is not None else None
+        self.tries = req.tries if req is not None else 0
+        self.body_bytes, self.bytes_out = bytes_in, bytes_out
 
 
 def read_request(ctx: GrpcContext, invocation_metadata, message: bytes | None) -> Request | None:
@@ -185,21 +206,20 @@ class InferenceProxy(grpc.GenericRpcHandler):
         """Route one unary call, forward it (with retries) and relay the answer."""
         ctx = self.ctx
         t0 = time.perf_counter()
-        model = runtime = ""
         code = "OK"
-        response = span = None
+        req = response = None
         try:
             req = read_request(ctx, context.invocation_metadata(), message)
             if req is None:
                 raise self._no_model("the request")
-            model = req.model
             if ctx.tracing is not None:
-                span = req.span = ctx.tracing.start_call(method, model, req.metadata)
+                req.span = ctx.tracing.start_call(method, req.model, req.metadata)
             snapshot = ctx.snapshot()
             try:
-                target, balancer = snapshot.match(model, req.version_name(), ctx.rnd,
+                target, balancer = snapshot.match(req.model, req.version_name(), ctx.rnd,
                                                   req.header_of, time.monotonic())
-                response, runtime, code = await self.forwarder.unary(
+                req.target = target
+                response, code = await self.forwarder.unary(
                     method, req, snapshot, target, balancer, context)
             except NoHealthyUpstream:
                 if not ready_check:
@@ -213,17 +233,14 @@ class InferenceProxy(grpc.GenericRpcHandler):
             code = "CANCELLED"
             raise
         finally:
-            self._count(model, code, runtime, t0, len(message), len(response or b""))
-            if span is not None:
-                ctx.tracing.end(span, code, runtime)
+            self._finish(method, req, code, t0, len(message), len(response or b""))
 
     async def ModelStreamInfer(self, requests, context):
         """Route by the metadata or the first message; pinned to one runtime for its life."""
         ctx = self.ctx
         t0 = time.perf_counter()
-        model = ""
         outcome = StreamOutcome()
-        span = None
+        req = None
         try:
             md = context.invocation_metadata()
             req, first = read_request(ctx, md, None), None
@@ -235,13 +252,12 @@ class InferenceProxy(grpc.GenericRpcHandler):
                 req = read_request(ctx, md, first)
                 if req is None:
                     raise self._no_model("the stream's first message")
-            model = req.model
             if ctx.tracing is not None:
-                span = req.span = ctx.tracing.start_call(SERVICE + "ModelStreamInfer", model,
-                                                         req.metadata)
+                req.span = ctx.tracing.start_call(STREAM, req.model, req.metadata)
             snapshot = ctx.snapshot()
             target, balancer = snapshot.match(
-                model, req.version_name(), ctx.rnd, req.header_of, time.monotonic())
+                req.model, req.version_name(), ctx.rnd, req.header_of, time.monotonic())
+            req.target = target
             async for response in self.forwarder.stream(req, first, requests, snapshot, target,
                                                         balancer, context, outcome):
                 yield response
@@ -251,15 +267,21 @@ class InferenceProxy(grpc.GenericRpcHandler):
             outcome.code = "CANCELLED"
             raise
         finally:
-            self._count(model, outcome.code, outcome.runtime, t0)
-            if span is not None:
-                ctx.tracing.end(span, outcome.code, outcome.runtime)
+            self._finish(STREAM, req, outcome.code, t0)
 
-    def _count(self, model: str, code: str, runtime: str, t0: float, bytes_in: int = 0,
-               bytes_out: int = 0) -> None:
-        known = model if model and self.ctx.snapshot().is_known(model) else ""
-        self.ctx.metrics.record_request(known, "grpc", code, runtime, time.perf_counter() - t0,
-                                        bytes_in, bytes_out)
+    def _finish(self, method: str, req: Request | None, code: str, t0: float,
+                bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """Count the call, end its span, log it: once per call, when it ends."""
+        ctx = self.ctx
+        model = req.model if req is not None else ""
+        runtime = req.endpoint.name if req is not None and req.endpoint is not None else ""
+        known = model if model and ctx.snapshot().is_known(model) else ""
+        ctx.metrics.record_request(known, "grpc", code, runtime, time.perf_counter() - t0,
+                                   bytes_in, bytes_out)
+        if req is not None and req.span is not None:
+            ctx.tracing.end(req.span, code, runtime)
+        if ctx.access_log is not None:
+            ctx.access_log.record(CallLog(method, req, code, t0, bytes_in, bytes_out), "grpc")
 
     def _fail(self, context, err: ProxyError) -> str:
         code, message, trailers = render_grpc(err)

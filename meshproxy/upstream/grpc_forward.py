@@ -36,13 +36,12 @@ _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class StreamOutcome:
-    """How a relayed stream ended, for the listener's metrics."""
+    """How a relayed stream ended (its gRPC status name), for the listener's metrics."""
 
-    __slots__ = ("code", "runtime")
+    __slots__ = ("code",)
 
     def __init__(self) -> None:
         self.code = "OK"
-        self.runtime = ""
 
 
 class GrpcForwarder:
@@ -84,7 +83,8 @@ class GrpcForwarder:
 
     # -- unary
     async def unary(self, method: str, req, snapshot, target, balancer, context):
-        """Forward one unary call with retries; (response or None, runtime, status name)."""
+        """Forward one unary call with retries; (response or None, status name). The runtime
+        of the last try and the retries made are left in req.endpoint and req.tries."""
         ctx = self.ctx
         message = req.upstream_message(target)
         metadata = req.forwarded_metadata(target)
@@ -102,6 +102,7 @@ class GrpcForwarder:
             while True:
                 endpoint = self.pick(balancer, req.model, target, key, endpoint)
                 channel = self.channel(snapshot, endpoint, target, req.model)
+                req.endpoint, req.tries = endpoint, tries
                 now = loop.time()
                 try_deadline = deadline if policy.per_try_timeout is None else min(
                     deadline, now + policy.per_try_timeout)
@@ -110,7 +111,7 @@ class GrpcForwarder:
                     target, tries, reason)
                 if err is None:
                     await self._relay_ok(context, call, endpoint)
-                    return response, endpoint.name, "OK"
+                    return response, "OK"
                 now = loop.time()
                 try_expired = (err.code() is _DEADLINE and try_deadline < deadline
                                and now >= try_deadline - 0.001)
@@ -126,7 +127,7 @@ class GrpcForwarder:
                                               f"not answer within the per-try timeout", req.model)
                     code = await self.relay_error(context, err, req.model, endpoint,
                                                   deadline - now)
-                    return None, endpoint.name, code
+                    return None, code
                 tries += 1
                 ctx.metrics.record_retry(req.model, reason)
                 if not retrying:
@@ -227,7 +228,7 @@ class GrpcForwarder:
         """Relay a ModelStreamInfer stream on one runtime; yields the runtime's messages."""
         endpoint = self.pick(balancer, req.model, target, self.hash_key(req, target))
         channel = self.channel(snapshot, endpoint, target, req.model)
-        outcome.runtime = endpoint.name
+        req.endpoint = endpoint
         pump = StreamPump(req, target, first, requests)
         metadata, span = req.forwarded_metadata(target), None
         if req.span is not None:

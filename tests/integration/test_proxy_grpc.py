@@ -514,3 +514,18 @@ async def test_spans_join_the_clients_trace_and_the_runtime_gets_the_try_span():
     assert server.attributes["meshproxy.runtime"] == "raw"
     _, tid, sid, _ = seen["traceparent"].split("-")
     assert (tid, sid) == (trace_id, f"{upstream.context.span_id:016x}")
+
+
+async def test_access_log_has_a_line_per_call(tmp_path):
+    log = tmp_path / "access.log"
+    async with runtimes(("r1", ["sum"])) as rts, \
+            proxy(rts, extra=f"telemetry: {{access_log: {{path: '{log}'}}}}\n") as app, \
+            stub(app) as s:
+        await s.ModelInfer(sum_request(1, 2))
+        await rpc_error(s.ModelInfer(sum_request(1, model="nope")))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    ok, missing = lines
+    assert ok["protocol"] == "grpc" and ok["status"] == "OK" and ok["runtime"] == "r1"
+    assert ok["path"] == SERVICE + "ModelInfer" and ok["model"] == "sum" and ok["attempts"] == 1
+    assert ok["bytes_out"] > 0
+    assert missing["status"] == "NOT_FOUND" and missing["runtime"] is None
