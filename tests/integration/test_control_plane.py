@@ -203,12 +203,13 @@ async def test_control_plane_killed_under_load_fails_no_request_and_proxies_resy
 
             drivers = [asyncio.ensure_future(load(a)) for a in apps for _ in range(2)]
             try:
-                await eventually(lambda: len(results) > 20, timeout=5)
+                # deadlines are generous: a loaded CI machine is slow, a correct one is fast
+                await eventually(lambda: len(results) > 20, timeout=15)
                 cp.kill()
                 await cp.wait()
-                await eventually(lambda: all(a.discovery.connected_to is None for a in apps), 5)
+                await eventually(lambda: all(a.discovery.connected_to is None for a in apps), 15)
                 during = len(results)
-                await eventually(lambda: len(results) > during + 50, timeout=5)
+                await eventually(lambda: len(results) > during + 50, timeout=15)
                 async with control_plane_process(text, tmp_path):
                     view = await proxies_view(admin, lambda v: len(v) == 2 and all(
                         RUNTIME_TYPE in p["types"] for p in v))
@@ -220,7 +221,7 @@ async def test_control_plane_killed_under_load_fails_no_request_and_proxies_resy
                                           "/v2/repository/models/identity/load"):
                             pass
                     await eventually(lambda: all(routes(a, "identity") == {"r1", "r2"}
-                                                 for a in apps), timeout=3)
+                                                 for a in apps), timeout=10)
             finally:
                 stop.set()
                 await asyncio.gather(*drivers)

@@ -122,7 +122,7 @@ async def test_fail_rate_one_gives_500_and_latency_delays_the_answer():
         status, body, _ = await post_json(http, "/v2/models/identity/infer", ONE)
         elapsed = time.monotonic() - started
     assert status == 500 and "injected failure on runtime rt-a" in body["error"]
-    assert elapsed >= 0.15
+    assert elapsed >= 0.14  # libuv timers have millisecond granularity and may fire a tick early
 
 
 async def test_health_and_metadata():
