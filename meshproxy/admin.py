@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from typing import Callable
 
+import aiohttp
 from aiohttp import web
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meshproxy.telemetry.metrics import merge_workers
 
 
 def _json(data, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, indent=2) + "\n", status=status,
                         content_type="application/json")
+
+
+PEERS_ENV = "MESHPROXY_WORKER_ADMINS_FILE"  # set by workers.py for worker 0
+
+
+def _peer_admins() -> list[str]:
+    """The admin addresses of workers 1..N-1, when this is worker 0 of several."""
+    path = os.environ.get(PEERS_ENV)
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().split()[1:]
+    except OSError:  # the parent writes it once every worker is ready
+        return []
+
+
+async def _fetch_metrics(address: str) -> str:
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+            async with s.get(f"http://{address}/metrics") as r:
+                return await r.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return ""  # a worker that does not answer is left out of this scrape
 
 
 def stats_response(registry) -> web.Response:
@@ -69,6 +98,10 @@ def build_admin(app) -> web.Application:
 
     async def metrics(_):
         body = generate_latest(app.metrics.registry)
+        peers = _peer_admins()
+        if peers:  # worker 0 of several: every worker's series, labelled by worker
+            texts = await asyncio.gather(*(_fetch_metrics(a) for a in peers))
+            body = merge_workers([body.decode(), *texts])
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
     web_app = web.Application()

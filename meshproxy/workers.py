@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import signal
 import sys
+import tempfile
 
+from meshproxy.admin import PEERS_ENV
 from meshproxy.config import EXIT_CONFIG, Address, ConfigError, ProxyConfig, load_file
 
 log = logging.getLogger("meshproxy.workers")
@@ -97,6 +100,9 @@ class _Parent:
         self.workers: list[_Worker] = []
         self.stopping = False
         self.code = 0
+        fd, self.admins_file = tempfile.mkstemp(prefix="meshproxy-workers-", suffix=".admins")
+        os.close(fd)
+        os.unlink(self.admins_file)  # created when every worker is ready
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -110,6 +116,8 @@ class _Parent:
             if all(others) and not self.stopping:
                 self._announce()
         await asyncio.gather(*exits)
+        with contextlib.suppress(OSError):
+            os.unlink(self.admins_file)
         return self.code
 
     def _learn_ports(self, fields: dict[str, str]) -> None:
@@ -125,8 +133,11 @@ class _Parent:
                "--log-level", logging.getLevelName(logging.getLogger().level).lower()]
         for key, port in self.ports.items():
             cmd += [f"--{key}-port", str(port)]
+        env = dict(os.environ)
+        if index == 0:
+            env[PEERS_ENV] = self.admins_file
         try:
-            proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=(write_fd,))
+            proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=(write_fd,), env=env)
         finally:
             os.close(write_fd)
         worker = _Worker(index, proc)
@@ -155,6 +166,8 @@ class _Parent:
         first = self.workers[0].ready
         pids = ",".join(str(w.proc.pid) for w in self.workers)
         admins = ",".join(w.ready.get("admin", "?") for w in self.workers)
+        with open(self.admins_file, "w", encoding="utf-8") as f:  # worker 0's /metrics reads it
+            f.write("\n".join(w.ready.get("admin", "?") for w in self.workers) + "\n")
         print(f"meshproxy ready rest={first.get('rest')} admin={first.get('admin')} "
               f"grpc={first.get('grpc')} workers={self.count} pids={pids} worker_admins={admins}",
               flush=True)

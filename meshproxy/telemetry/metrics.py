@@ -15,8 +15,10 @@ import bisect
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.parser import text_string_to_metric_families
 
 # 0.5 ms .. 120 s: inference spans sub-millisecond toy models to minute-long generations.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -243,3 +245,35 @@ class ProxyMetrics:
 
     def record_overflow(self, runtime: str, limit: str) -> None:
         self.overflows.labels(runtime, limit).inc()
+
+
+class _Fixed:
+    """A collector that yields metrics built elsewhere."""
+
+    def __init__(self, metrics: list[Metric]):
+        self.metrics = metrics
+
+    def collect(self):
+        return iter(self.metrics)
+
+
+def merge_workers(expositions: list[str]) -> bytes:
+    """One exposition from every worker process's own, each series labelled worker="i".
+
+    Worker processes keep their numbers in their own memory (the hot-path dicts, the
+    endpoint state of their own snapshot), which prometheus-client's multiprocess files
+    cannot see; worker 0's admin fetches the others' /metrics and labels them instead, so
+    `sum without (worker) (...)` gives the proxy's totals.
+    """
+    merged: dict[str, Metric] = {}
+    for index, text in enumerate(expositions):
+        for fam in text_string_to_metric_families(text):
+            metric = merged.get(fam.name)
+            if metric is None:
+                metric = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for s in fam.samples:
+                metric.add_sample(s.name, {**s.labels, "worker": str(index)}, s.value,
+                                  s.timestamp, s.exemplar)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(merged.values())))
+    return generate_latest(registry)

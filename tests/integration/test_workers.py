@@ -9,6 +9,7 @@ import sys
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import runtimes
 
@@ -50,6 +51,17 @@ async def served(session: aiohttp.ClientSession, admin: str) -> float:
                if line.startswith("meshproxy_requests_total{"))
 
 
+async def by_worker(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
+    async with session.get(f"http://{admin}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "meshproxy_requests_total":
+                out[smp.labels["worker"]] = out.get(smp.labels["worker"], 0) + smp.value
+    return out
+
+
 async def active(session: aiohttp.ClientSession, admin: str) -> int:
     async with session.get(f"http://{admin}/clusters") as r:
         return (await r.json())["endpoints"][0]["active_requests"]
@@ -66,8 +78,10 @@ async def test_both_workers_serve_the_port_and_sigterm_drains_both(workers):
         async with aiohttp.ClientSession(connector=fresh) as each:
             statuses = await asyncio.gather(*(_post(each, url) for _ in range(16)))
         assert statuses == [200] * 16
-        counts = [await served(s, a) for a in admins]
-        assert sum(counts) == 16 and min(counts) > 0, counts
+        per_worker = await by_worker(s, admins[0])  # worker 0's /metrics: every worker's series
+        assert sum(per_worker.values()) == 16 and min(per_worker.values()) > 0, per_worker
+        assert set(per_worker) == {"0", "1"}
+        assert await served(s, admins[1]) == per_worker["1"]  # worker 1's own view agrees
         # Requests in flight on every connection when SIGTERM comes: all answered, then exit 0.
         pending = [asyncio.ensure_future(_post(s, url)) for _ in range(6)]
         async with asyncio.timeout(10):
