@@ -1,4 +1,4 @@
-// k6 script for bench/run.py: a fixed request rate over ONE keep-alive connection (one VU).
+// k6 script for bench/run.py: a fixed request rate over BENCH_VUS keep-alive connections (one per VU, default 1).
 // The first BENCH_WARMUP seconds are tagged phase=warmup and left out of the reported numbers,
 // so the same VU (and connection) carries on warm into the measured part.
 import http from 'k6/http';
@@ -10,6 +10,7 @@ const url = __ENV.BENCH_URL;
 const rate = Number(__ENV.BENCH_RATE || 100);
 const warmupS = Number(__ENV.BENCH_WARMUP || 2);
 const durationS = Number(__ENV.BENCH_DURATION || 20);
+const vus = Number(__ENV.BENCH_VUS || 1);  // one keep-alive connection each
 const headers = { 'content-type': 'application/json' };
 
 export const options = {
@@ -20,8 +21,8 @@ export const options = {
       rate: rate,
       timeUnit: '1s',
       duration: `${warmupS + durationS}s`,
-      preAllocatedVUs: 1,
-      maxVUs: 1,
+      preAllocatedVUs: vus,
+      maxVUs: vus,
     },
   },
   // Thresholds that always pass: they make k6 keep the measured sub-metrics in the summary.

@@ -14,7 +14,9 @@ from procs import binaries
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_post.lua"
 K6_SCRIPT = HERE / "k6_latency.js"
+K6_MODELS_SCRIPT = HERE / "k6_models.js"
 BODY_BYTES = 3000
+BIG_BODY_BYTES = 600_000  # a tensor body: one FP32 input of about 75,000 values as JSON
 # Past its own duration, a load generator gets this long before it is killed.
 OVERRUN_S = 30
 
@@ -24,8 +26,10 @@ def infer_body(size: int = BODY_BYTES) -> bytes:
     values: list[str] = []
     head = '{"inputs":[{"name":"input0","datatype":"FP32","shape":[1,%d],"data":['
     tail = "]}]}"
-    while len(head) + 6 + len(tail) + sum(len(v) + 1 for v in values) < size:
+    length = 0  # of the values joined, with their commas
+    while len(head) + 6 + len(tail) + length < size:
         values.append(f"{(len(values) * 0.618034) % 1:.6f}")
+        length += len(values[-1]) + 1
     return ((head % len(values)) + ",".join(values) + tail).encode()
 
 
@@ -97,6 +101,7 @@ class K6Result:
     failed_rate: float
     checks_rate: float
     dropped: int
+    forwarded_rate: float | None = None  # k6_models.js: share of answers that took an extra hop
 
     def problems(self) -> list[str]:
         out = []
@@ -117,18 +122,22 @@ def parse_k6_summary(data: dict) -> K6Result:
                     count=int(trend.get("count", 0)),
                     failed_rate=metrics["http_req_failed{phase:measure}"]["values"]["rate"],
                     checks_rate=metrics["checks{phase:measure}"]["values"]["rate"],
-                    dropped=int(dropped))
+                    dropped=int(dropped),
+                    forwarded_rate=metrics.get("forwarded{phase:measure}", {}).get("values", {}).get("rate"))
 
 
 def run_k6(url: str, body_path: Path, work: Path, name: str, rate: int, warmup_s: int, seconds: int,
-           cpu: int | None) -> K6Result:
-    """One k6 run at `rate` requests/s over one connection; returns the measured part."""
+           cpu: int | None, vus: int = 1, script: Path = K6_SCRIPT, **extra_env: str) -> K6Result:
+    """One k6 run at `rate` requests/s with `vus` VUs (one keep-alive connection each);
+    returns the measured part."""
     summary = work / f"k6-{name}.json"
     summary.unlink(missing_ok=True)
     argv = _pinned(cpu, [str(binaries()["k6"]), "run", "--quiet", "--no-color", "--no-usage-report",
-                         "--summary-trend-stats", TREND_STATS, str(K6_SCRIPT)])
+                         "--summary-trend-stats", TREND_STATS, str(script)])
     env = _env(body_path, BENCH_URL=url, BENCH_RATE=str(rate), BENCH_WARMUP=str(warmup_s),
-               BENCH_DURATION=str(seconds), BENCH_SUMMARY=str(summary), K6_NO_USAGE_REPORT="true")
+               BENCH_DURATION=str(seconds), BENCH_SUMMARY=str(summary), K6_NO_USAGE_REPORT="true",
+               BENCH_VUS=str(vus),
+               **extra_env)
     out = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True,
                          timeout=warmup_s + seconds + OVERRUN_S)
     # k6 exits 99 when a threshold fails; ours cannot, so any non-zero exit is a real error.

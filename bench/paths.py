@@ -61,6 +61,35 @@ _UPSTREAM_HTTP = """\
         }}
     }}"""
 
+# The upstream for the 600 KB body: like a model runtime it reads the whole request before it
+# answers (nginx's `return` answers at once and discards the body after, which makes proxies
+# close the connection). Buffered proxying to a sink without the body does that in stock nginx.
+_UPSTREAM_READING_HTTP = """\
+    upstream sink {{
+        server 127.0.0.1:{sink};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        client_max_body_size 4m;
+        client_body_buffer_size 1m;
+        location / {{
+            proxy_pass http://sink;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{sink} backlog=4096;
+        location / {{
+            default_type application/json;
+            return 200 '{response}';
+        }}
+    }}"""
+
 _PROXY_HTTP = """\
     upstream backend {{
         server 127.0.0.1:{upstream};
@@ -69,6 +98,7 @@ _PROXY_HTTP = """\
     }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        client_body_buffer_size 1m;  # a 600 KB body stays in memory, not in a temp file
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -85,10 +115,13 @@ def _start_nginx(name: str, work: Path, http_block: str, cpu: int | None) -> Pro
     return Proc(name, [str(binaries()["nginx"]), "-p", str(d), "-c", str(conf)], work, cpu)
 
 
-def start_upstream(work: Path, cpu: int | None) -> tuple[Proc, int]:
-    """The nginx that plays the model runtime: reads and drops the body, returns a fixed answer."""
+def start_upstream(work: Path, cpu: int | None, reading: bool = False) -> tuple[Proc, int]:
+    """The nginx that plays the model runtime: drops the body, returns a fixed answer; with
+    `reading`, only once it has read the whole body."""
     port = free_port()
-    proc = _start_nginx("upstream", work, _UPSTREAM_HTTP.format(port=port, response=UPSTREAM_RESPONSE), cpu)
+    http = (_UPSTREAM_READING_HTTP.format(port=port, sink=free_port(), response=UPSTREAM_RESPONSE)
+            if reading else _UPSTREAM_HTTP.format(port=port, response=UPSTREAM_RESPONSE))
+    proc = _start_nginx("upstream-reading" if reading else "upstream", work, http, cpu)
     _ready_on(proc, f"http://127.0.0.1:{port}/")
     return proc, port
 
@@ -179,16 +212,19 @@ static_resources:
 """
 
 
-def start_meshproxy(env: Env) -> tuple[Proc, str]:
+def start_meshproxy(env: Env, workers: int = 1) -> tuple[Proc, str]:
     exe = binaries()["meshproxy"]
     if exe is None:
         raise RuntimeError("meshproxy: .venv/bin/meshproxy not found (run `make install`)")
     port, admin = free_port(), free_port()
     conf = env.work / "meshproxy.yaml"
     conf.write_text(_MESHPROXY_YAML.format(port=port, admin=admin, upstream=env.upstream_port))
-    proc = Proc("meshproxy", [str(exe), "proxy", "-c", str(conf), "--workers", "1"], env.work,
-                env.proxy_cpu)
+    proc = Proc("meshproxy", [str(exe), "proxy", "-c", str(conf), "--workers", str(workers)],
+                env.work, env.proxy_cpu)
     _ready_on(proc, f"http://127.0.0.1:{admin}/ready")
+    if workers > 1:  # admin is worker 0's; the parent's ready line comes when all are up
+        wait_until(lambda: "meshproxy ready" in proc.log_path.read_text(errors="replace"),
+                   READY_DEADLINE_S, proc.name, proc.alive)
     return proc, f"http://127.0.0.1:{port}{INFER_PATH}"
 
 
@@ -202,4 +238,10 @@ PATHS = {
     "envoy": start_envoy,
     "meshproxy": start_meshproxy,
     "nginx": start_nginx_proxy,
+}
+
+# The workers test: meshproxy not pinned (Env.proxy_cpu None), with 1 and 2 worker processes.
+WORKER_PATHS = {
+    "meshproxy --workers 1": lambda env: start_meshproxy(env, workers=1),
+    "meshproxy --workers 2": lambda env: start_meshproxy(env, workers=2),
 }

@@ -45,6 +45,32 @@ class PathResult:
         return (min(values), max(values)) if values else None
 
 
+@dataclass
+class Results:
+    """One bench run: each test's per-path records, and the model-aware scenario."""
+
+    main: dict[str, PathResult]  # 3 KB: throughput on one core, latency at --rate
+    big: dict[str, PathResult]  # 600 KB: throughput on one core, latency at --rate
+    fast: dict[str, PathResult]  # 3 KB: latency at --fast-rate
+    workers: dict[str, PathResult]  # meshproxy --workers 1 and 2, not pinned: throughput
+    models: dict = field(default_factory=dict)  # model_aware.run()
+
+    @classmethod
+    def empty(cls, paths: list[str], big: bool, fast: bool, workers: bool) -> "Results":
+        def group(names):
+            return {name: PathResult(name) for name in names}
+        return cls(main=group(paths), big=group(paths if big else []),
+                   fast=group(paths if fast else []),
+                   workers=group(["meshproxy --workers 1", "meshproxy --workers 2"]
+                                 if workers and "meshproxy" in paths else []))
+
+    def all_ok(self) -> bool:
+        groups = (self.main, self.big, self.fast, self.workers)
+        return (all(r.status == "ok" for g in groups for r in g.values())
+                and all("failed" not in m and not any(run["problems"] for run in m.values())
+                        for m in self.models.values()))
+
+
 def add_latency_deltas(results: dict[str, PathResult]) -> None:
     """Fill `added` = path minus direct for each percentile, when direct was measured cleanly."""
     direct = results.get("direct")
@@ -160,7 +186,8 @@ def notes(results: dict[str, PathResult]) -> str:
     return "\n".join(out)
 
 
-def markdown(results: dict[str, PathResult], machine: dict, settings: dict) -> str:
+def markdown(results: Results, machine: dict, settings: dict) -> str:
+    import sections  # the other tests' tables; it uses this module's cells
     v = machine["versions"]
     head = [
         f"# meshproxy bench, {machine['date']}",
@@ -177,20 +204,33 @@ def markdown(results: dict[str, PathResult], machine: dict, settings: dict) -> s
         f"{'pinned as above' if settings['latency_proxy_pinned'] else 'not pinned'}; added = path minus direct. "
         "See bench/README.md.",
         "",
-        table(results),
+        f"## REST, {settings['body_bytes']:,}-byte body",
+        "",
+        table(results.main),
     ]
-    extra = notes(results)
-    return "\n".join(head + (["", extra] if extra else [])) + "\n"
+    extra = notes(results.main)
+    parts = head + (["", extra] if extra else [])
+    parts += sections.fast(results.fast, settings) + sections.big(results.big, settings)
+    parts += sections.workers(results.workers, settings)
+    parts += sections.models(results.models, settings)
+    parts += ["", "Plots: `latency.png` (percentiles per path and test), `cpu.png` (CPU per request "
+              "per path)."]
+    return "\n".join(parts) + "\n"
 
 
-def write(results: dict[str, PathResult], machine: dict, settings: dict, out_dir: Path) -> str:
+def _group_json(group: dict[str, PathResult]) -> dict:
+    keys = ("rps", "cpu_us_per_req", "core_us_per_req", "rss_kib")
+    return {name: {**asdict(r), "status": r.status, "median": {k: r.median(k) for k in keys}}
+            for name, r in group.items()}
+
+
+def write(results: Results, machine: dict, settings: dict, out_dir: Path) -> str:
     """Write latest.md and latest.json into `out_dir`; return the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = markdown(results, machine, settings)
     (out_dir / "latest.md").write_text(md)
-    doc = {"machine": machine, "settings": settings, "paths": {}}
-    for name, r in results.items():
-        doc["paths"][name] = {**asdict(r), "status": r.status,
-                              "median": {k: r.median(k) for k in ("rps", "cpu_us_per_req", "core_us_per_req", "rss_kib")}}
+    doc = {"machine": machine, "settings": settings, "paths": _group_json(results.main),
+           "fast_rate": _group_json(results.fast), "big_body": _group_json(results.big),
+           "workers": _group_json(results.workers), "model_aware": results.models}
     (out_dir / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return md

@@ -3,10 +3,13 @@
 How it works: one nginx upstream is started (pinned with the load generators). Test 1 runs
 `rounds` rounds; each round visits the paths in a fixed order, and for each path starts the
 proxy fresh on its own core, sends one checked request, warms up with wrk, then measures wrk's
-requests/s and the proxy's CPU seconds (from /proc) over the timed run, and stops the proxy.
-Test 2 starts each path once more and drives it with k6 at a fixed rate over one connection.
-A path that cannot start is recorded as failed and the others carry on; a path that answers
-anything but 200 is recorded as invalid. Results go to stdout and bench/results/latest.{md,json}.
+requests/s and the proxy's CPU seconds (from /proc) over the timed run, and stops the proxy;
+the same again with the 600 KB body, and for meshproxy with 1 and 2 workers, not pinned.
+Test 2 starts each path once more and drives it with k6 at a fixed rate over one connection
+(3 KB at 100 and 1,000 requests/s, 600 KB at 100). Test 3 is the model-aware scenario
+(model_aware.py). A path that cannot start is recorded as failed and the others carry on; a path
+that answers anything but 200 is recorded as invalid. Results go to stdout and
+bench/results/latest.{md,json}, plots to bench/results/*.png.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import load
+import model_aware
+import plots
 import report
-from paths import PATHS, UPSTREAM_RESPONSE, Env, start_upstream
+from paths import PATHS, UPSTREAM_RESPONSE, WORKER_PATHS, Env, start_upstream
 from procs import Meter, binaries, http_status, rss_kib
 
 HERE = Path(__file__).resolve().parent
 
-# (throughput s, wrk warm-up s, rounds, latency s, k6 warm-up s)
-PROFILES = {"default": (10, 2, 3, 20, 2), "quick": (4, 1, 3, 8, 1)}
+# (throughput s, wrk warm-up s, rounds, latency s, k6 warm-up s,
+#  600 KB and workers: throughput s and rounds, other latency runs s, model-aware s)
+PROFILES = {"default": (10, 2, 3, 20, 2, 6, 2, 10, 15), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
 
 
 class InvalidPath(Exception):
@@ -46,6 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-duration", type=int, help="seconds of measured k6 load (default 20, quick 8)")
     p.add_argument("--latency-warmup", type=int, help="seconds of k6 warm-up (default 2, quick 1)")
     p.add_argument("--rate", type=int, default=100, help="k6 requests per second (default 100)")
+    p.add_argument("--fast-rate", type=int, default=1000,
+                   help="second k6 rate, 3 KB body (default 1000; 0: skip)")
+    p.add_argument("--fast-vus", type=int, default=4,
+                   help="k6 VUs (connections) at --fast-rate (default 4: one VU cannot keep up)")
+    p.add_argument("--big-body-bytes", type=int, default=load.BIG_BODY_BYTES,
+                   help="second body size (default 600000; 0: skip)")
+    p.add_argument("--extra-duration", type=int, help="seconds of each 600 KB / workers wrk run "
+                   "(default 6, quick 3)")
+    p.add_argument("--extra-rounds", type=int, help="rounds of the 600 KB and workers runs (default 2)")
+    p.add_argument("--extra-latency-duration", type=int,
+                   help="seconds of the 1,000 req/s and 600 KB k6 runs (default 10, quick 5)")
+    p.add_argument("--model-duration", type=int, help="seconds of each model-aware k6 run (default 15)")
+    p.add_argument("--no-workers", action="store_true", help="skip meshproxy --workers 1 vs 2")
+    p.add_argument("--no-model-aware", action="store_true", help="skip the model-aware scenario")
     p.add_argument("--load-cpu", type=int, default=0, help="core for wrk, k6 and the upstream (default 0)")
     p.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test (default 1)")
     p.add_argument("--latency-unpinned", action="store_true",
@@ -54,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the started processes")
     args = p.parse_args(argv)
     defaults = PROFILES["quick" if args.quick else "default"]
-    names = ("duration", "warmup", "rounds", "latency_duration", "latency_warmup")
+    names = ("duration", "warmup", "rounds", "latency_duration", "latency_warmup",
+             "extra_duration", "extra_rounds", "extra_latency_duration", "model_duration")
     for name, value in zip(names, defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -71,13 +92,18 @@ def settings_of(args: argparse.Namespace) -> dict:
             "latency_duration_s": args.latency_duration, "latency_warmup_s": args.latency_warmup,
             "rate": args.rate, "load_cpu": args.load_cpu, "proxy_cpu": args.proxy_cpu,
             "latency_proxy_pinned": not args.latency_unpinned,
-            "body_bytes": load.BODY_BYTES}
+            "body_bytes": load.BODY_BYTES, "big_body_bytes": args.big_body_bytes,
+            "fast_rate": args.fast_rate, "fast_vus": args.fast_vus,
+            "extra_duration_s": args.extra_duration, "extra_rounds": args.extra_rounds,
+            "extra_latency_duration_s": args.extra_latency_duration,
+            "model_duration_s": args.model_duration, "workers": not args.no_workers,
+            "model_aware": not args.no_model_aware}
 
 
 @contextmanager
 def running(name: str, env: Env, body: bytes):
     """Start path `name`, check one request end to end, yield (proc or None, url), stop it."""
-    proc, url = PATHS[name](env)
+    proc, url = {**PATHS, **WORKER_PATHS}[name](env)
     try:
         status, answer = http_status(url, body, timeout=5.0)
         if status != 200 or answer != UPSTREAM_RESPONSE.encode():
@@ -88,12 +114,14 @@ def running(name: str, env: Env, body: bytes):
             proc.stop()
 
 
-def throughput_run(name: str, env: Env, body: bytes, body_path: Path, args) -> dict:
+def throughput_run(name: str, env: Env, body: bytes, body_path: Path, args,
+                   duration: int | None = None) -> dict:
     """Warm up, then one timed wrk run; the proxy's CPU is read from /proc before and after."""
     with running(name, env, body) as (proc, url):
         load.run_wrk(url, body_path, args.warmup, args.connections, args.load_cpu)
         meter = Meter(proc and proc.pid, args.proxy_cpu)
-        wrk = load.run_wrk(url, body_path, args.duration, args.connections, args.load_cpu)
+        wrk = load.run_wrk(url, body_path, duration or args.duration, args.connections,
+                           args.load_cpu)
         check_alive(name, proc)
         used = meter.stop()
         run = {"rps": wrk.rps, "requests": wrk.requests, "seconds": wrk.seconds, "non_2xx": wrk.non_2xx,
@@ -104,17 +132,28 @@ def throughput_run(name: str, env: Env, body: bytes, body_path: Path, args) -> d
         return run
 
 
-def latency_run(name: str, env: Env, body: bytes, body_path: Path, work: Path, args) -> dict:
-    """One k6 run at a fixed rate over one connection."""
+def latency_runs(name: str, env: Env, body: bytes, cases: list, work: Path, args) -> None:
+    """Start the path once; one k6 run per case (result, body file, rate, VUs, warm-up, s)."""
     if args.latency_unpinned:
         env = Env(work=env.work, upstream_port=env.upstream_port, proxy_cpu=None)
     with running(name, env, body) as (proc, url):
-        meter = Meter(proc and proc.pid, args.proxy_cpu)
-        k6 = load.run_k6(url, body_path, work, name, args.rate, args.latency_warmup,
-                         args.latency_duration, args.load_cpu)
-        check_alive(name, proc)
-        return {**k6.us, "count": k6.count, "failed_rate": k6.failed_rate, "dropped": k6.dropped,
-                "problems": k6.problems(), **meter.stop()}
+        for result, body_path, rate, vus, warmup, seconds in cases:
+            if result.halted:
+                continue
+            print(f"[latency {rate}/s {body_path.stem}] {name}", file=sys.stderr, flush=True)
+            result.latency = guarded(result, _k6_run, name, proc, url, body_path, work, rate, vus,
+                                     warmup, seconds, args)
+            if result.latency:
+                result.problems += result.latency["problems"]
+
+
+def _k6_run(name, proc, url, body_path, work, rate, vus, warmup, seconds, args) -> dict:
+    meter = Meter(proc and proc.pid, args.proxy_cpu)
+    k6 = load.run_k6(url, body_path, work, f"{name}-{rate}-{body_path.stem}", rate, warmup,
+                     seconds, args.load_cpu, vus=vus)
+    check_alive(name, proc)
+    return {**k6.us, "count": k6.count, "failed_rate": k6.failed_rate, "dropped": k6.dropped,
+            "problems": k6.problems(), **meter.stop()}
 
 
 def check_alive(name: str, proc) -> None:
@@ -135,36 +174,73 @@ def guarded(result: report.PathResult, step, *a):
     return None
 
 
-def measure(args, work: Path, body: bytes, body_path: Path) -> dict[str, report.PathResult]:
-    results = {name: report.PathResult(name) for name in args.paths}
-    upstream, port = start_upstream(work, args.load_cpu)
-    env = Env(work=work, upstream_port=port, proxy_cpu=args.proxy_cpu)
-    try:
-        for rnd in range(args.rounds):
-            for name, r in results.items():
-                if r.halted:
-                    continue
-                print(f"[throughput {rnd + 1}/{args.rounds}] {name}", file=sys.stderr, flush=True)
-                run = guarded(r, throughput_run, name, env, body, body_path, args)
-                if run:
-                    r.runs.append(run)
-                    r.problems += run["problems"]
+def throughput_rounds(results: dict[str, report.PathResult], rounds: int, env: Env,
+                      body: bytes, body_path: Path, args, duration: int, label: str) -> None:
+    for rnd in range(rounds):
         for name, r in results.items():
             if r.halted:
                 continue
-            print(f"[latency] {name}", file=sys.stderr, flush=True)
-            r.latency = guarded(r, latency_run, name, env, body, body_path, work, args)
-            if r.latency:
-                r.problems += r.latency["problems"]
+            print(f"[throughput {label} {rnd + 1}/{rounds}] {name}", file=sys.stderr, flush=True)
+            run = guarded(r, throughput_run, name, env, body, body_path, args, duration)
+            if run:
+                r.runs.append(run)
+                r.problems += run["problems"]
+
+
+def big_throughput_and_latency(res: report.Results, env: Env, body: bytes, big_path: Path,
+                               work: Path, args) -> None:
+    """The 600 KB tests, against the upstream that reads the whole body before answering."""
+    throughput_rounds(res.big, args.extra_rounds, env, body, big_path, args, args.extra_duration,
+                      "600 KB")
+    for name, r in res.big.items():
+        if not r.halted:
+            cases = [(r, big_path, args.rate, 1, 1, args.extra_latency_duration)]
+            guarded(r, latency_runs, name, env, body, cases, work, args)
+
+
+def measure(args, work: Path, body: bytes, body_path: Path, big_path: Path | None) -> report.Results:
+    res = report.Results.empty(args.paths, big_path is not None, args.fast_rate > 0,
+                               not args.no_workers)
+    upstream, port = start_upstream(work, args.load_cpu)
+    env = Env(work=work, upstream_port=port, proxy_cpu=args.proxy_cpu)
+    try:
+        throughput_rounds(res.main, args.rounds, env, body, body_path, args, args.duration, "3 KB")
+        if big_path is not None:
+            reading, big_port = start_upstream(work, args.load_cpu, reading=True)
+            try:
+                big_env = Env(work=work, upstream_port=big_port, proxy_cpu=args.proxy_cpu)
+                big_throughput_and_latency(res, big_env, body, big_path, work, args)
+            finally:
+                reading.stop()
+        unpinned = Env(work=work, upstream_port=port, proxy_cpu=None)
+        throughput_rounds(res.workers, args.extra_rounds, unpinned, body, body_path, args,
+                          args.extra_duration, "workers")
+        for name, r in res.main.items():
+            cases = [(r, body_path, args.rate, 1, args.latency_warmup, args.latency_duration)]
+            if name in res.fast:
+                cases.append((res.fast[name], body_path, args.fast_rate, args.fast_vus, 1,
+                              args.extra_latency_duration))
+            if not all(c[0].halted for c in cases):
+                guarded(r, latency_runs, name, env, body, cases, work, args)
+                for other in (c[0] for c in cases[1:]):
+                    other.failed = other.failed or r.failed  # could not start: none ran
+        if not args.no_model_aware:
+            rates = [(args.rate, 1, 2, args.model_duration)]
+            if args.fast_rate:
+                rates.append((args.fast_rate, args.fast_vus, 1, args.extra_latency_duration))
+            res.models = model_aware.run(env, body, body_path, rates, args.load_cpu,
+                                         args.proxy_cpu)
     finally:
         upstream.stop()
-    report.add_latency_deltas(results)
-    return results
+    for group in (res.main, res.big, res.fast):
+        report.add_latency_deltas(group)
+    return res
 
 
 def check_tools(args) -> None:
     found = binaries()
-    needed = ["wrk", "k6", "nginx", "taskset"] + (["envoy"] if "envoy" in args.paths else [])
+    envoy = "envoy" in args.paths or not args.no_model_aware  # the model-aware envoy-front
+    needed = ["wrk", "k6", "nginx", "taskset"] + (["envoy"] if envoy else [])
     missing = [n for n in needed if found[n] is None]
     if missing:
         sys.exit(f"missing: {', '.join(missing)}; run `bash bench/setup.sh` (or `make bench`)")
@@ -180,8 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     work.chmod(0o755)  # nginx workers run as nobody
     body_path = work / "body.json"
     body_path.write_bytes(body)
+    big_path = None
+    if args.big_body_bytes:
+        big_path = work / "body-big.json"
+        big_path.write_bytes(load.infer_body(args.big_body_bytes))
     try:
-        results = measure(args, work, body, body_path)
+        results = measure(args, work, body, body_path, big_path)
     finally:
         if args.keep_tmp:
             print(f"configs and logs kept in {work}", file=sys.stderr)
@@ -190,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "body.json").write_bytes(body)
     print(report.write(results, report.machine_info(), settings_of(args), args.results_dir))
-    sys.exit(0 if all(r.status == "ok" for r in results.values()) else 1)
+    for png in plots.draw(results, args.results_dir):
+        print(f"plot: {png}", file=sys.stderr)
+    sys.exit(0 if results.all_ok() else 1)
 
 
 if __name__ == "__main__":

