@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class ControlPlaneMetrics:
@@ -25,6 +25,11 @@ class ControlPlaneMetrics:
                                       "Config file edits, by result", ["result"], registry=r)
         self.registrations = Gauge("meshproxy_cp_sidecar_registrations",
                                    "Open sidecar registration streams", registry=r)
+        self.push_latency = Histogram(
+            "meshproxy_cp_push_latency_seconds",
+            "From a change in the cache to the update written on a proxy's stream",
+            ["protocol"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
     def sent(self, protocol: str, type_url: str, size: int) -> None:
         self.responses.labels(protocol, type_url).inc()

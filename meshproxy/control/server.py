@@ -56,10 +56,12 @@ class AdsServicer(discovery_pb2_grpc.AggregatedDiscoveryServiceServicer):
         session.on_nack = lambda t, msg: self._nacked(status, t, msg)
         queue: asyncio.Queue = asyncio.Queue()
         pending = [False]
+        changed_at = [0.0]
 
         def changed() -> None:
             if not pending[0]:
                 pending[0] = True
+                changed_at[0] = time.perf_counter()
                 queue.put_nowait(_CHANGED)
 
         reader = asyncio.get_running_loop().create_task(self._read(requests, queue))
@@ -77,6 +79,9 @@ class AdsServicer(discovery_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 for response in responses:
                     await context.write(response)
                     self.metrics.sent(protocol, response.type_url, response.ByteSize())
+                if item is _CHANGED and responses:
+                    self.metrics.push_latency.labels(protocol).observe(
+                        time.perf_counter() - changed_at[0])
         finally:
             self.cache.unwatch(changed)
             self.registry.remove(status)

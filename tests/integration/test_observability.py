@@ -290,3 +290,21 @@ async def test_dashboard_queries_name_only_exported_metrics_and_parse(tmp_path):
         path.write_text(json.dumps(rules))
         check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_control_plane_measures_push_latency():
+    from meshproxy.control.metrics import ControlPlaneMetrics  # noqa: F401 (names the metric)
+    from tests.integration.test_control_plane import control_plane, cp_yaml, proxies, routes
+    from tests.integration.test_control_plane import runtimes as cp_runtimes
+    async with cp_runtimes(("r1", ["sum"])) as (r1,), control_plane(cp_yaml([r1])) as cp, \
+            proxies(cp.grpc_port, ["DELTA"]) as (app,):
+        await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{r1.http_port}/v2/repository/models/bert/load"):
+                pass
+        await eventually(lambda: routes(app, "bert") == {"r1"}, timeout=10)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{cp.admin_port}/metrics") as r:
+                text = await r.text()
+    assert total(text, "meshproxy_cp_push_latency_seconds_count", protocol="delta") >= 1
+    assert total(text, "meshproxy_cp_runtime_polls_total", runtime="r1") >= 1
