@@ -280,7 +280,9 @@ async def test_dashboard_queries_name_only_exported_metrics_and_parse(tmp_path):
     exported += "meshproxy_discovery_connected meshproxy_discovery_updates_applied_total " \
                 "meshproxy_discovery_nacks_total meshproxy_discovery_seconds_since_update"
     names = {n for e in exprs for n in re.findall(r"meshproxy_[a-z0-9_]+", e)}
-    missing = {n for n in names if n not in exported}
+    # a family with no series yet still has its HELP/TYPE line under the base name
+    missing = {n for n in names
+               if n not in exported and re.sub(r"_(bucket|sum|count)$", "", n) not in exported}
     assert not missing, missing
     if shutil.which("promtool"):
         rules = {"groups": [{"name": "dashboard", "rules": [
