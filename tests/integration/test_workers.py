@@ -8,9 +8,12 @@ import signal
 import sys
 
 import aiohttp
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshproxy._proto.inference import grpc_service_pb2 as pb
+from meshproxy._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.harness import runtimes
 
 MESHPROXY = [sys.executable, "-m", "meshproxy"]
@@ -37,7 +40,7 @@ async def workers(tmp_path):
                 line = (await proc.stdout.readline()).decode()
             m = READY.search(line)
             assert m, (line, await proc.stderr.read())
-            yield proc, int(m[1]), (int(m[3]), int(m[4])), (m[5], m[6])
+            yield proc, int(m[1]), (int(m[3]), int(m[4])), (m[5], m[6]), int(m[2])
         finally:
             if proc.returncode is None:
                 proc.kill()
@@ -68,7 +71,7 @@ async def active(session: aiohttp.ClientSession, admin: str) -> int:
 
 
 async def test_both_workers_serve_the_port_and_sigterm_drains_both(workers):
-    proc, port, pids, admins = workers
+    proc, port, pids, admins, _ = workers
     assert all(_parent(pid) == proc.pid for pid in pids)
     url = f"http://127.0.0.1:{port}/v2/models/sum/infer"
     async with aiohttp.ClientSession() as s:
@@ -95,12 +98,23 @@ async def test_both_workers_serve_the_port_and_sigterm_drains_both(workers):
 
 
 async def test_a_worker_that_dies_stops_the_proxy(workers):
-    proc, _, pids, _ = workers
+    proc, _, pids, _, _ = workers
     os.kill(pids[1], signal.SIGKILL)
     async with asyncio.timeout(15):
         assert await proc.wait() == 128 + signal.SIGKILL
     assert not os.path.exists(f"/proc/{pids[0]}")
     assert b"worker 1" in await proc.stderr.read()
+
+
+async def test_the_grpc_port_is_shared_too(workers):
+    """Both workers bound the gRPC port (a failed bind ends the proxy); calls on new
+    connections are answered whichever worker takes them."""
+    proc, _, _, _, grpc_port = workers
+    for _ in range(8):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert (await stub.ServerLive(pb.ServerLiveRequest(), timeout=5)).live
+    assert proc.returncode is None
 
 
 async def test_bad_config_exits_64_before_any_worker_starts(tmp_path):
