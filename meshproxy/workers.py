@@ -221,7 +221,6 @@ def _worker_main(argv: list[str]) -> int:
         print(f"meshproxy: invalid config: {e}", file=sys.stderr)
         return EXIT_CONFIG
     config = worker_config(config, args.index, args.http_port, args.grpc_port)
-    _share_grpc_port()
     from meshproxy import cli
     with os.fdopen(args.ready_fd, "w") as ready:
         return cli._run(cli.serve_proxy(config, args.config, reuse_port=True, announce=ready))
@@ -236,21 +235,6 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _share_grpc_port() -> None:
-    """Make the gRPC listener join the port's SO_REUSEPORT group.
-
-    ingress/grpc.py sets `grpc.so_reuseport` 0 so that a lone proxy on a busy port fails
-    instead of sharing it; grpc takes the first value of a repeated option, so a worker puts
-    1 in front. This goes when grpc_ingress.start_server takes a reuse_port argument.
-    """
-    import grpc.aio
-    make = grpc.aio.server
-
-    def server(*args, options=None, **kwargs):
-        return make(*args, options=[("grpc.so_reuseport", 1), *(options or ())], **kwargs)
-    grpc.aio.server = server
 
 
 if __name__ == "__main__":
