@@ -164,7 +164,8 @@ def start_meshproxy(work: Path, upstream: int) -> tuple[Proc, int]:
     port, admin, http = free_port(), free_port(), free_port()
     conf = work / "meshproxy-grpc.yaml"
     conf.write_text(MESHPROXY_YAML.format(port=port, admin=admin, http=http, upstream=upstream))
-    proc = Proc("meshproxy-grpc", [str(binaries()["meshproxy"]), "proxy", "-c", str(conf)], work,
+    proc = Proc("meshproxy-grpc", [str(binaries()["meshproxy"]), "proxy", "-c", str(conf),
+                                   "--workers", "1"], work,
                 PROXY_CPU)
     wait_until(lambda: grpc_ready(port), 20, "meshproxy", proc.alive)
     proc.admin = admin

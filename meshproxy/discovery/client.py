@@ -153,7 +153,7 @@ class AdsClient:
         path = self.settings.snapshot_path
         if not path:
             return
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # worker processes may share one snapshot_path
         try:
             with open(tmp, "wb") as f:
                 f.write(self.state.saved())

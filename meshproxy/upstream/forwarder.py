@@ -206,7 +206,9 @@ class Exchange:
                 self.swallow = reason
                 return
         self.started = True
-        if until_close:
+        if until_close or not self.request_done:
+            # the runtime answered before the whole body arrived: say the connection closes,
+            # then read and drop the rest of the body before closing (a lingering close)
             self.close_after = True
         self.conn.relay_head(self, head, rest)
         self.overhead = (self.t_sent - self.t0) + (time.perf_counter() - t_in)

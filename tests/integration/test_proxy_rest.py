@@ -7,6 +7,8 @@ import re
 import aiohttp
 import pytest
 
+from meshproxy.app import ProxyApp
+from meshproxy.config import load_text
 from tests.integration.harness import eventually, proxy, raw, runtimes, statuses
 
 SUM_BODY = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}
@@ -218,3 +220,33 @@ async def test_idle_keep_alive_connections_are_closed_after_idle_timeout():
             assert statuses(first) == [200]
             assert await reader.read() == b""  # closed by the proxy once idle, not by us
         writer.close()
+
+
+async def test_runtime_answering_before_the_body_ends_gets_connection_close_and_a_clean_read():
+    async def early(reader, writer):  # answers as soon as the head is in, reads no body
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\nno")
+        await writer.drain()
+        await reader.read(1)  # hold the connection open until the proxy drops it
+
+    server = await asyncio.start_server(early, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
+            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: early, "
+            f"http_address: '127.0.0.1:{port}', models: [{{name: sum}}]}}]}}\n")
+    app = ProxyApp(load_text(text))
+    await app.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        writer.write(b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: a\r\n"
+                     b"Content-Length: 600000\r\n\r\n" + b"x" * 100_000)
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(2) == b"no"
+            writer.write(b"y" * 500_000)  # the rest of the body: read and dropped, then close
+            assert await reader.read() == b""
+        writer.close()
+    finally:
+        await app.stop()
+        server.close()
+    assert statuses(head) == [413] and b"connection: close" in head.lower()
