@@ -87,17 +87,17 @@ class DynamicSettings:
     sidecar_poll_interval: float
 
 
-def load_file(path: str) -> ProxyConfig:
-    """Read, parse and validate a proxy config file."""
+def read_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return load_text(text, source=path)
 
 
-def load_text(text: str, source: str = "<config>") -> ProxyConfig:
+def parse_yaml(text: str, msg, source: str):
+    """YAML text into the proto message `msg` (json_format: an unknown field is an error
+    naming its path); ConfigError messages start with `source`."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -106,11 +106,20 @@ def load_text(text: str, source: str = "<config>") -> ProxyConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
-    msg = bootstrap_pb2.Bootstrap()
     try:
         json_format.ParseDict(data, msg)
     except json_format.ParseError as e:
         raise ConfigError(f"{source}: {e}") from None
+    return msg
+
+
+def load_file(path: str) -> ProxyConfig:
+    """Read, parse and validate a proxy config file."""
+    return load_text(read_file(path), source=path)
+
+
+def load_text(text: str, source: str = "<config>") -> ProxyConfig:
+    msg = parse_yaml(text, bootstrap_pb2.Bootstrap(), source)
     try:
         return _build(msg)
     except ConfigError as e:

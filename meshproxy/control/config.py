@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import yaml
-from google.protobuf import json_format
-
 from meshproxy._proto.meshproxy.v1 import control_plane_pb2, resources_pb2
-from meshproxy.config import Address, ConfigError, parse_address, validate_resources
+from meshproxy.config import (Address, ConfigError, parse_address, parse_yaml, read_file,
+                              validate_resources)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,29 +27,13 @@ class ControlPlaneSettings:
 
 
 def load_file(path: str) -> ControlPlaneSettings:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return load_text(text, source=path)
+    return load_text(read_file(path), source=path)
 
 
 def load_text(text: str, source: str = "<config>") -> ControlPlaneSettings:
+    msg = parse_yaml(text, control_plane_pb2.ControlPlaneConfig(), source)
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
-    msg = control_plane_pb2.ControlPlaneConfig()
-    try:
-        json_format.ParseDict(data, msg)
         return _build(msg)
-    except json_format.ParseError as e:
-        raise ConfigError(f"{source}: {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
