@@ -58,7 +58,6 @@ def response_bytes() -> bytes:
 
 async def serve_upstream(port: int) -> None:
     import grpc
-    import uvloop  # noqa: F401  (the loop is set by the caller)
     answer, served = response_bytes(), [0]
 
     async def infer(request: bytes, context) -> bytes:

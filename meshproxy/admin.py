@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Callable
 
 import aiohttp
 from aiohttp import web

@@ -97,16 +97,12 @@ async def proxy_file(path, text: str):
     from meshproxy.config import load_file
     path.write_text(textwrap.dedent(text))
     app = ProxyApp(load_file(str(path)), config_path=str(path))
-    app_watch_interval(app)
+    app.watch_interval = 0.05  # edits show within a test's deadline
     await app.start()
     try:
         yield app
     finally:
         await app.stop()
-
-
-def app_watch_interval(app, seconds: float = 0.05) -> None:
-    app.watch_interval = seconds
 
 
 def rt_yaml(rt, models=None, extra: str = "") -> str:

@@ -295,7 +295,6 @@ async def test_dashboard_queries_name_only_exported_metrics_and_parse(tmp_path):
 
 
 async def test_control_plane_measures_push_latency():
-    from meshproxy.control.metrics import ControlPlaneMetrics  # noqa: F401 (names the metric)
     from tests.integration.test_control_plane import control_plane, cp_yaml, proxies, routes
     from tests.integration.test_control_plane import runtimes as cp_runtimes
     async with cp_runtimes(("r1", ["sum"])) as (r1,), control_plane(cp_yaml([r1])) as cp, \

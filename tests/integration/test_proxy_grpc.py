@@ -390,28 +390,11 @@ async def test_resource_exhausted_is_retried_only_when_the_policy_says_so():
 async def test_runtime_stopped_under_load_fails_no_unary_call():
     async with runtimes(("r1", ["identity"]), ("r2", ["identity"])) as rts, \
             proxy(rts) as app, stub(app) as s:
-        done = {"r1": 0, "r2": 0}
-        failures = []
-        stop = asyncio.Event()
-
-        async def client():
-            while not stop.is_set():
-                try:
-                    reply = await s.ModelInfer(sum_request(1, model="identity"), timeout=5)
-                    done[reply.parameters["runtime"].string_param] += 1
-                except grpc.aio.AioRpcError as e:
-                    failures.append(e)
-
-        # Three at a time: the default retry budget lets three retries run at once.
-        clients = [asyncio.create_task(client()) for _ in range(3)]
-        try:
+        async with steady_load(s) as (done, failures):
             await eventually(lambda: min(done.values()) >= 10, timeout=10)
             await rts[0].stop()
             after = done["r2"]
             await eventually(lambda: done["r2"] >= after + 100, timeout=10)
-        finally:
-            stop.set()
-            await asyncio.gather(*clients)
         assert failures == []
         assert app.registry.endpoints["r1"].ejected  # outlier detection saw the failed tries
         assert app.metrics.registry.get_sample_value(
@@ -431,6 +414,30 @@ async def test_stop_lets_a_call_in_flight_finish_and_refuses_new_ones():
             await stopping
             err = await rpc_error(s.ModelInfer(sum_request(1), timeout=2))
             assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@contextlib.asynccontextmanager
+async def steady_load(s, clients: int = 3):
+    """Unary calls back to back from `clients` callers (three: the default retry budget lets
+    three retries run at once) until the block ends; yields (calls per runtime, failures)."""
+    done = {"r1": 0, "r2": 0}
+    failures = []
+    stop = asyncio.Event()
+
+    async def client():
+        while not stop.is_set():
+            try:
+                reply = await s.ModelInfer(sum_request(1, model="identity"), timeout=5)
+                done[reply.parameters["runtime"].string_param] += 1
+            except grpc.aio.AioRpcError as e:
+                failures.append(e)
+
+    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    try:
+        yield done, failures
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
 
 
 @contextlib.asynccontextmanager
@@ -463,28 +470,12 @@ async def test_runtime_killed_9_under_load_fails_no_unary_call():
     async with runtimes(("r1", ["identity"])) as (r1,), \
             runtime_process("r2", ["identity"]) as (victim, r2), \
             proxy([r1, r2]) as app, stub(app) as s:
-        done = {"r1": 0, "r2": 0}
-        failures = []
-        stop = asyncio.Event()
-
-        async def client():
-            while not stop.is_set():
-                try:
-                    reply = await s.ModelInfer(sum_request(1, model="identity"), timeout=5)
-                    done[reply.parameters["runtime"].string_param] += 1
-                except grpc.aio.AioRpcError as e:
-                    failures.append(e)
-
-        clients = [asyncio.create_task(client()) for _ in range(3)]
-        try:
+        async with steady_load(s) as (done, failures):
             await eventually(lambda: min(done.values()) >= 10, timeout=10)
             victim.kill()
             await victim.wait()
             after = done["r1"]
             await eventually(lambda: done["r1"] >= after + 100, timeout=10)
-        finally:
-            stop.set()
-            await asyncio.gather(*clients)
         assert failures == []
         assert app.registry.endpoints["r2"].ejected  # its failed tries were retried on r1
 

@@ -6,7 +6,7 @@ import sys
 import time
 
 import aiohttp
-import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import eventually, proxy_file, rt_yaml, runtimes
@@ -32,8 +32,7 @@ async def infer(s, port, model="sum", headers=None):
 
 
 def metric(app, name, **labels):
-    text = app.metrics.registry and __import__("prometheus_client").generate_latest(
-        app.metrics.registry).decode()
+    text = generate_latest(app.metrics.registry).decode()
     total = 0.0
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
