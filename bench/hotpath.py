@@ -1,0 +1,139 @@
+"""The REST hot path in one process, no sockets: Python time per proxied request.
+
+Drives the real HttpConnection, Exchange and UpstreamConnection with in-memory transports:
+each round feeds one wrk-like request (3 KB JSON body) to the client side, checks the bytes
+that reached the upstream transport, feeds the runtime's answer back and checks what the
+client got. What it measures is the proxy's own Python and llhttp work per request, without
+the event loop and the kernel; `make bench` measures the whole. Use it (with py-spy or
+cProfile: `--profile`) before and after a change to the hot path.
+
+    .venv/bin/python bench/hotpath.py [--requests 200000] [--repeat 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import load  # noqa: E402
+from paths import UPSTREAM_RESPONSE  # noqa: E402
+
+from meshproxy.app import ProxyApp  # noqa: E402
+from meshproxy.config import load_text  # noqa: E402
+from meshproxy.ingress.http import HttpConnection  # noqa: E402
+from meshproxy.upstream.http_pool import UpstreamConnection  # noqa: E402
+
+CONFIG = """\
+listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}
+static_resources:
+  runtimes:
+    - name: upstream
+      http_address: 127.0.0.1:9
+      models: [{name: bench}]
+"""
+
+
+class MemoryTransport:
+    """Just enough of asyncio.Transport: remembers what was written."""
+
+    def __init__(self, peer=("127.0.0.1", 40000)):
+        self.out: list[bytes] = []
+        self.peer = peer
+        self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return self.peer if name == "peername" else default
+
+    def write(self, data) -> None:
+        self.out.append(bytes(data))
+
+    def writelines(self, parts) -> None:
+        self.out.append(b"".join(parts))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading
+
+
+def request_bytes(body: bytes) -> bytes:
+    """A request as wrk sends it (bench/wrk_post.lua)."""
+    return (b"POST /v2/models/bench/infer HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def response_bytes() -> bytes:
+    """What the nginx upstream answers."""
+    body = UPSTREAM_RESPONSE.encode()
+    return (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 05:00:00 GMT\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: keep-alive\r\n\r\n" % len(body) + body)
+
+
+def setup():
+    app = ProxyApp(load_text(CONFIG))
+    endpoint = app.registry.endpoints["upstream"]
+    up = UpstreamConnection(endpoint.pool)
+    up.connection_made(MemoryTransport())
+    endpoint.pool.idle.append(up)
+    client = HttpConnection(app.ctx)
+    client.connection_made(MemoryTransport())
+    return client, up
+
+
+def run(n: int, client, up, req: bytes, resp: bytes) -> float:
+    """Seconds per request over `n` requests."""
+    c_out, u_out = client.transport.out, up.transport.out
+    feed_client, feed_up = client.data_received, up.data_received
+    t0 = time.perf_counter()
+    for _ in range(n):
+        feed_client(req)
+        feed_up(resp)
+    elapsed = time.perf_counter() - t0
+    if len(c_out) != n or len(u_out) != n or not c_out[-1].startswith(b"HTTP/1.1 200 OK"):
+        raise SystemExit(f"hot path broken: {len(c_out)} answers, {len(u_out)} upstream writes; "
+                         f"last answer {c_out[-1][:200] if c_out else b''!r}")
+    c_out.clear()
+    u_out.clear()
+    return elapsed / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=200_000)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="cProfile one run, print the top 25")
+    args = p.parse_args()
+    client, up = setup()
+    req, resp = request_bytes(load.infer_body()), response_bytes()
+    run(2000, client, up, req, resp)  # warm-up; also checks the path end to end
+    sys.stdout.write(f"request to upstream:\n{up.transport.out[-1][:300].decode() if up.transport.out else ''}")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        run(args.requests, client, up, req, resp)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return
+    per = [run(args.requests, client, up, req, resp) for _ in range(args.repeat)]
+    print(f"hot path: median {statistics.median(per) * 1e6:.2f} us/request "
+          f"(min {min(per) * 1e6:.2f}, max {max(per) * 1e6:.2f}; {args.repeat} x {args.requests})")
+
+
+if __name__ == "__main__":
+    main()
