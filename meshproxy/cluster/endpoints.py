@@ -15,7 +15,7 @@ class Endpoint:
 
     __slots__ = ("name", "host", "port", "weight", "active", "healthy", "pool", "served_header",
                  "total", "checked_ok", "ejected", "ejected_until", "times_ejected",
-                 "failures_5xx", "failures_gateway", "outlier", "limits")
+                 "failures_5xx", "failures_gateway", "outlier", "limits", "cells", "attempts")
 
     def __init__(self, name: str, host: str, port: int, weight: int = 1):
         self.name = name
@@ -34,6 +34,10 @@ class Endpoint:
         self.failures_5xx = self.failures_gateway = 0
         self.outlier: Any = None  # cluster.outlier.OutlierSettings, set by the snapshot builder
         self.limits = Limits()
+        # Metrics shortcuts the REST path fills on first use (telemetry/metrics.py): model ->
+        # Cell of the requests this endpoint served, and outcome -> histogram of its tries.
+        self.cells: dict = {}
+        self.attempts: dict | None = None
 
     def refresh_health(self) -> None:
         self.healthy = self.checked_ok and not self.ejected

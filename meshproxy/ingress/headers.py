@@ -3,12 +3,17 @@ head cleaned of hop-by-hop headers. Plain functions on bytes, no I/O."""
 
 from __future__ import annotations
 
+import re
+
 from meshproxy.errors import BadRequest, BodyTooLarge, MalformedRequest
 
 # Not forwarded: they describe this hop, or the proxy answers them itself (Expect).
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
                         b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"))
-RESPONSE_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"upgrade"))
+# A response header line to drop: (name, value), the line's CRLF before it, not after.
+_HOP_LINE = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|upgrade):([^\r\n]*)",
+                       re.IGNORECASE)
+_CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b""))
 
 
 class RequestHead:
@@ -97,36 +102,29 @@ def rewrite_path(url: bytes, model: str, target) -> bytes:
     return b"/v2/models/" + target.model_bytes + version + rest
 
 
-def clean_response_head(head: bytes) -> bytes:
-    """`head` without hop-by-hop headers; most heads have none or one Connection line."""
-    lower = head.lower()
-    if (b"\r\nconnection:" in lower or b"\r\nkeep-alive:" in lower
-            or b"\r\nproxy-connection:" in lower or b"\r\nupgrade:" in lower):
-        return strip_hop_by_hop(head, lower)
-    return head
+def strip_hop_by_hop(head: bytes) -> bytes:
+    """`head` without Connection, Keep-Alive, Proxy-Connection, Upgrade and the headers
+    Connection names.
 
-
-def strip_hop_by_hop(head: bytes, lower: bytes | None = None) -> bytes:
-    """Drop Connection, Keep-Alive, Upgrade and the headers Connection names from a response head."""
-    if lower is None:
-        lower = head.lower()
-    # The common case, one `Connection: keep-alive` (or close) line and no other hop-by-hop
-    # header, is cut out by offsets: this runs on most responses (nginx, Triton send it).
-    start = lower.find(b"\r\nconnection:")
-    if start >= 0 and not (b"\r\nkeep-alive:" in lower or b"\r\nproxy-connection:" in lower
-                           or b"\r\nupgrade:" in lower):
-        end = lower.find(b"\r\n", start + 2)
-        value = lower[start + 14:end].strip()
-        if value in (b"keep-alive", b"close") and lower.find(b"\r\nconnection:", end) < 0:
-            return head[:start] + head[end:]
-    lines = head[:-4].split(b"\r\n")
+    One regex split finds the hop-by-hop lines (most heads have none, or one `Connection:
+    keep-alive`, which nginx and Triton send); it is several times cheaper here than lowering
+    the head and searching it once per name.
+    """
+    parts = _HOP_LINE.split(head)
+    if len(parts) == 1:
+        return head
+    if (len(parts) == 4 and parts[2].strip().lower() in _CONNECTION_OPTIONS
+            and parts[1].lower() == b"connection"):
+        return parts[0] + parts[3]  # the usual lone `Connection: keep-alive`
     named = set()
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"connection":
-            named.update(t.strip() for t in value.lower().split(b","))
-    drop = RESPONSE_HOP_BY_HOP | named
-    kept = [lines[0]] + [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() not in drop]
-    return b"\r\n".join(kept) + b"\r\n\r\n"
-
-
+    for i in range(1, len(parts), 3):
+        if parts[i].lower() == b"connection":
+            named.update(t.strip() for t in parts[i + 1].lower().split(b","))
+    named -= _CONNECTION_OPTIONS
+    kept = b"".join(parts[0::3])
+    if not named:
+        return kept
+    lines = kept[:-4].split(b"\r\n")
+    kept_lines = [lines[0]] + [ln for ln in lines[1:]
+                               if ln.partition(b":")[0].strip().lower() not in named]
+    return b"\r\n".join(kept_lines) + b"\r\n\r\n"

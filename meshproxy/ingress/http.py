@@ -28,6 +28,7 @@ from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, Malform
                               UpgradeRequired, UpstreamTimeout, render_http)
 from meshproxy.ingress import headers
 from meshproxy.routing.split import unit_hash
+from meshproxy.telemetry import metrics
 from meshproxy.upstream import mirror
 from meshproxy.upstream.forwarder import Exchange
 
@@ -80,7 +81,8 @@ class HttpConnection(asyncio.Protocol):
         self.closed = False
         self.fatal: ProxyError | None = None
         self.client_ip = b""
-        self.head_size = 0
+        self.head_size = 0  # bytes read while a head was incomplete
+        self.read_size = 0  # bytes of the read being parsed
         self.deadline = ctx.now + ctx.settings.idle_timeout
         self.reading_paused = False
 
@@ -101,6 +103,7 @@ class HttpConnection(asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
+        self.read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -173,8 +176,11 @@ class HttpConnection(asyncio.Protocol):
         ex.head_done = True
         ex.method = self.parser.get_method()
         ex.keep_alive = self.parser.should_keep_alive()
-        if sum(len(n) + len(v) + 4 for n, v in ex.headers) + len(ex.url) > \
-                self.ctx.settings.max_request_headers_bytes:
+        limit = self.ctx.settings.max_request_headers_bytes
+        # The head came in this read and the ones before it: count it only when those could
+        # hold more than the limit.
+        if self.head_size + self.read_size > limit and \
+                sum(len(n) + len(v) + 4 for n, v in ex.headers) + len(ex.url) > limit:
             raise HeadersTooLarge("request headers are too large")
         if ex is self.queue[0]:
             self.start(ex)
@@ -281,7 +287,7 @@ class HttpConnection(asyncio.Protocol):
         """Send the runtime's response head (and any body bytes after it) to the client."""
         settings = self.ctx.settings
         close = ex.close_after or not ex.keep_alive or self.ctx.draining
-        head = headers.clean_response_head(head)
+        head = headers.strip_hop_by_hop(head)
         if head[5:8] == b"1.0":
             head = b"HTTP/1.1" + head[8:]
         parts = [head[:-2]]
@@ -339,10 +345,18 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.access_log.record(ex, "rest")
         if ex.span is not None:
             self.ctx.tracing.end_request(ex)
-        self.ctx.metrics.record_request(
-            ex.model if routed or self.ctx.snapshot.is_known(ex.model) else "", "rest",
-            ex.status, ex.endpoint.name if routed else "", time.perf_counter() - ex.t0,
-            ex.body_bytes, ex.bytes_out, ex.overhead if ex.started and routed else None)
+        if routed:
+            endpoint = ex.endpoint
+            cell = endpoint.cells.get(ex.model)
+            if cell is None:
+                cell = endpoint.cells[ex.model] = self.ctx.metrics.stats.cell(
+                    ex.model, "rest", endpoint.name)
+            metrics.record(cell, ex.status, time.perf_counter() - ex.t0, ex.body_bytes,
+                           ex.bytes_out, ex.overhead if ex.started else None)
+        else:
+            self.ctx.metrics.record_request(
+                ex.model if self.ctx.snapshot.is_known(ex.model) else "", "rest", ex.status, "",
+                time.perf_counter() - ex.t0, ex.body_bytes, ex.bytes_out)
         ex.finished()
         if self.closed:
             return

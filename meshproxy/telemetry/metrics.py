@@ -28,73 +28,133 @@ OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 
                     0.005, 0.01, 0.025, 0.1)
 
 
-class Histograms:
-    """Label tuple -> bucket counts, +Inf count and sum, in one list per label set."""
+def _histogram(buckets: tuple[float, ...]) -> list:
+    """Bucket counts, then the +Inf count, then the sum: one flat list per label set."""
+    return [0] * (len(buckets) + 1) + [0.0]
 
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.data: dict[tuple, list] = {}
 
-    def observe(self, key: tuple, value: float) -> None:
-        hist = self.data.get(key)
-        if hist is None:
-            hist = self.data[key] = [0] * (len(self.buckets) + 1) + [0.0]
-        hist[bisect.bisect_left(self.buckets, value)] += 1
-        hist[-1] += value
+def _observe(hist: list, buckets: tuple[float, ...], value: float) -> None:
+    hist[bisect.bisect_left(buckets, value)] += 1
+    hist[-1] += value
 
-    def family(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
-        fam = HistogramMetricFamily(name, doc, labels=labels)
-        for key, hist in list(self.data.items()):
-            cumulative, points = 0, []
-            for bound, n in zip(self.buckets, hist):
-                cumulative += n
-                points.append((repr(bound), cumulative))
-            points.append(("+Inf", cumulative + hist[len(self.buckets)]))
-            fam.add_metric(list(key), points, hist[-1])
-        return fam
+
+def _merged(hists) -> list:
+    """Element-wise sum of histograms with the same buckets."""
+    return [sum(column) for column in zip(*hists)]
+
+
+def _histogram_family(name: str, doc: str, labels: list[str], buckets: tuple[float, ...],
+                      data: dict[tuple, list]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=labels)
+    for key, hist in data.items():
+        cumulative, points = 0, []
+        for bound, n in zip(buckets, hist):
+            cumulative += n
+            points.append((repr(bound), cumulative))
+        points.append(("+Inf", cumulative + hist[len(buckets)]))
+        fam.add_metric(list(key), points, hist[-1])
+    return fam
 
 
 def _code_class(code) -> str:
     return f"{code // 100}xx" if isinstance(code, int) else "ok" if code == "OK" else "error"
 
 
+class Cell:
+    """The numbers of one (model, protocol, runtime): answers by code, durations, bytes, overhead.
+
+    The REST listener keeps a cell per model on the endpoint that served it (`Endpoint.cells`),
+    so a request costs one dict lookup by model name and a few list writes (record()).
+    """
+
+    __slots__ = ("codes", "durations", "overhead", "bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self.codes: dict[int | str, int] = {}
+        self.durations = _histogram(LATENCY_BUCKETS)
+        self.overhead = _histogram(OVERHEAD_BUCKETS)
+        self.bytes_in = self.bytes_out = 0
+
+
+def record(cell: Cell, code, seconds: float, bytes_in: int, bytes_out: int,
+           overhead: float | None) -> None:
+    """One answered request into its cell (the per-request path: no lookups, no locks)."""
+    codes = cell.codes
+    codes[code] = codes.get(code, 0) + 1
+    hist = cell.durations
+    hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    hist[-1] += seconds
+    cell.bytes_in += bytes_in
+    cell.bytes_out += bytes_out
+    if overhead is not None:
+        hist = cell.overhead
+        hist[bisect.bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
+        hist[-1] += overhead
+
+
+def record_attempt(attempts: dict, outcome: str, seconds: float) -> None:
+    """One try into a runtime's {outcome: histogram} (RequestStats.attempts_of)."""
+    hist = attempts.get(outcome)
+    if hist is None:
+        hist = attempts[outcome] = _histogram(LATENCY_BUCKETS)
+    hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    hist[-1] += seconds
+
+
 class RequestStats:
     """The hot-path numbers; `collect` is called by prometheus-client at scrape time."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple, int] = {}          # (model, protocol, code, runtime)
-        self.bytes_in: dict[tuple, int] = {}         # (model, protocol)
-        self.bytes_out: dict[tuple, int] = {}
-        self.durations = Histograms(LATENCY_BUCKETS)  # (model, protocol)
-        self.overhead = Histograms(OVERHEAD_BUCKETS)  # (model, protocol)
-        self.attempts = Histograms(LATENCY_BUCKETS)   # (runtime, outcome)
-        self.attempt_timeouts: dict[str, int] = {}    # runtime
+        self.cells: dict[tuple[str, str, str], Cell] = {}  # (model, protocol, runtime)
+        self.attempts: dict[str, dict[str, list]] = {}     # runtime -> outcome -> histogram
+        self.attempt_timeouts: dict[str, int] = {}          # runtime
+
+    def cell(self, model: str, protocol: str, runtime: str) -> Cell:
+        key = (model, protocol, runtime)
+        cell = self.cells.get(key)
+        if cell is None:
+            cell = self.cells[key] = Cell()
+        return cell
+
+    def attempts_of(self, runtime: str) -> dict[str, list]:
+        found = self.attempts.get(runtime)
+        if found is None:
+            found = self.attempts[runtime] = {}
+        return found
 
     def collect(self):
         requests = CounterMetricFamily(
             "meshproxy_requests", "Requests answered, by model, protocol, code and serving runtime",
             labels=["model", "protocol", "code", "code_class", "runtime"])
-        for (model, protocol, code, runtime), n in list(self.counts.items()):
-            requests.add_metric([model, protocol, str(code), _code_class(code), runtime], n)
+        per_model: dict[tuple[str, str], list[Cell]] = {}
+        for (model, protocol, runtime), cell in list(self.cells.items()):
+            for code, n in list(cell.codes.items()):
+                requests.add_metric([model, protocol, str(code), _code_class(code), runtime], n)
+            per_model.setdefault((model, protocol), []).append(cell)
         yield requests
-        for name, doc, data in (
-                ("meshproxy_request_bytes", "Request body bytes received from clients",
-                 self.bytes_in),
-                ("meshproxy_response_bytes", "Response bytes sent to clients", self.bytes_out)):
+        for name, doc, field in (
+                ("meshproxy_request_bytes", "Request body bytes received from clients", "bytes_in"),
+                ("meshproxy_response_bytes", "Response bytes sent to clients", "bytes_out")):
             fam = CounterMetricFamily(name, doc, labels=["model", "protocol"])
-            for key, n in list(data.items()):
-                fam.add_metric(list(key), n)
+            for key, cells in per_model.items():
+                fam.add_metric(list(key), sum(getattr(c, field) for c in cells))
             yield fam
-        yield self.durations.family("meshproxy_request_duration_seconds",
-                                    "Time from request head to response end, by model",
-                                    ["model", "protocol"])
-        yield self.overhead.family(
+        yield _histogram_family(
+            "meshproxy_request_duration_seconds", "Time from request head to response end, by model",
+            ["model", "protocol"], LATENCY_BUCKETS,
+            {key: _merged(c.durations for c in cells) for key, cells in per_model.items()})
+        overhead = {key: _merged(c.overhead for c in cells) for key, cells in per_model.items()}
+        yield _histogram_family(
             "meshproxy_proxy_overhead_seconds",
             "Time the proxy itself adds: request received to upstream request sent, plus "
-            "upstream response head to response head sent", ["model", "protocol"])
-        yield self.attempts.family("meshproxy_upstream_attempt_duration_seconds",
-                                   "Each try against a runtime, by runtime and outcome",
-                                   ["runtime", "outcome"])
+            "upstream response head to response head sent", ["model", "protocol"], OVERHEAD_BUCKETS,
+            {key: hist for key, hist in overhead.items() if hist[-1] or any(hist[:-1])})
+        yield _histogram_family(
+            "meshproxy_upstream_attempt_duration_seconds",
+            "Each try against a runtime, by runtime and outcome", ["runtime", "outcome"],
+            LATENCY_BUCKETS, {(runtime, outcome): hist
+                              for runtime, by_outcome in list(self.attempts.items())
+                              for outcome, hist in list(by_outcome.items())})
         timeouts = CounterMetricFamily("meshproxy_upstream_attempt_timeouts",
                                        "Tries that hit their per-try timeout", labels=["runtime"])
         for runtime, n in list(self.attempt_timeouts.items()):
@@ -209,20 +269,15 @@ class ProxyMetrics:
     def record_request(self, model: str, protocol: str, code: int | str, runtime: str,
                        seconds: float, bytes_in: int = 0, bytes_out: int = 0,
                        overhead: float | None = None) -> None:
-        """`code` is the HTTP status (REST) or the gRPC status name, e.g. "OK" (gRPC)."""
-        stats = self.stats
-        key = (model, protocol, code, runtime)
-        stats.counts[key] = stats.counts.get(key, 0) + 1
-        mp = (model, protocol)
-        stats.durations.observe(mp, seconds)
-        stats.bytes_in[mp] = stats.bytes_in.get(mp, 0) + bytes_in
-        stats.bytes_out[mp] = stats.bytes_out.get(mp, 0) + bytes_out
-        if overhead is not None:
-            stats.overhead.observe(mp, overhead)
+        """`code` is the HTTP status (REST) or the gRPC status name, e.g. "OK" (gRPC).
+
+        The REST listener records through a cached cell and record() instead."""
+        record(self.stats.cell(model, protocol, runtime), code, seconds, bytes_in, bytes_out,
+               overhead)
 
     def record_attempt(self, runtime: str, outcome: str, seconds: float) -> None:
         """One try against a runtime ended: outcome is the status (e.g. "200") or the failure."""
-        self.stats.attempts.observe((runtime, outcome), seconds)
+        record_attempt(self.stats.attempts_of(runtime), outcome, seconds)
 
     def record_attempt_timeout(self, runtime: str) -> None:
         t = self.stats.attempt_timeouts

@@ -17,6 +17,7 @@ import asyncio
 import time
 
 from meshproxy.errors import NoHealthyUpstream, Overloaded, ProxyError, UpstreamTimeout
+from meshproxy.telemetry import metrics
 
 
 
@@ -100,9 +101,12 @@ class Exchange:
     def end_try(self, outcome: str = "cancelled") -> None:
         if self.in_try:
             self.in_try = False
-            self.endpoint.active -= 1
-            self.conn.ctx.metrics.record_attempt(self.endpoint.name, outcome,
-                                                 time.perf_counter() - self.t_try)
+            endpoint = self.endpoint
+            endpoint.active -= 1
+            attempts = endpoint.attempts
+            if attempts is None:
+                attempts = endpoint.attempts = self.conn.ctx.metrics.stats.attempts_of(endpoint.name)
+            metrics.record_attempt(attempts, outcome, time.perf_counter() - self.t_try)
             if self.try_span is not None:
                 self.conn.ctx.tracing.end_try(self, outcome)
 

@@ -108,8 +108,9 @@ class UpstreamConnection(asyncio.Protocol):
                 continue
             self._head = b""
             self._in_head = False
-            self._until_close = (not self._no_body and status not in (204, 304)
-                                 and _no_framing(head))
+            # A message llhttp already saw end was framed; only one still open may run to EOF.
+            self._until_close = (not self._done and not self._no_body
+                                 and status not in (204, 304) and _no_framing(head))
             sink.response_head(head, status, self._until_close, rest)
             return
         self._head = bytes(buf)
