@@ -40,6 +40,24 @@ def resolve(header_value: bytes | None, target: bytes) -> tuple[str | None, str 
     The header and the path must agree when both are present: a request that
     names two models is refused rather than routed by one and served by the other.
     """
+    if header_value is None:
+        found = _BY_PATH.get(target)
+        if found is None:
+            found = _resolve(None, target)
+            if len(_BY_PATH) >= _BY_PATH_SIZE:
+                _BY_PATH.clear()
+            _BY_PATH[target] = found
+        return found
+    return _resolve(header_value, target)
+
+
+# Request targets already resolved (valid ones only: an invalid name raises before it is kept).
+# Clients send the same few paths again and again; the bound keeps odd ones from piling up.
+_BY_PATH: dict[bytes, tuple[str | None, str | None]] = {}
+_BY_PATH_SIZE = 4096
+
+
+def _resolve(header_value: bytes | None, target: bytes) -> tuple[str | None, str | None]:
     in_path = from_path(target)
     path_name = version = None
     if in_path is not None:

@@ -30,7 +30,22 @@ class RequestHead:
         self.chunked = chunked          # Transfer-Encoding present (llhttp checked it is chunked)
 
 
-def scan(headers, model_headers, max_body: int) -> RequestHead:
+# What scan() does with a header, by its lower-case name; absent: forward it as it is.
+_HOST, _LENGTH, _XFF, _MODEL, _TE, _CONNECTION, _EXPECT, _DROP = range(8)
+_KINDS = {b"host": _HOST, b"content-length": _LENGTH, b"x-forwarded-for": _XFF,
+          b"transfer-encoding": _TE, b"connection": _CONNECTION, b"expect": _EXPECT,
+          **{name: _DROP for name in HOP_BY_HOP - {b"transfer-encoding", b"connection", b"expect"}}}
+
+
+def header_kinds(model_headers) -> dict[bytes, int]:
+    """scan()'s table for a listener whose model headers are `model_headers` (built once).
+
+    A model header cannot also be Host, Content-Length or a hop-by-hop header: those keep
+    their meaning and are not read for the model."""
+    return {**{name: _MODEL for name in model_headers}, **_KINDS}
+
+
+def scan(headers, kinds: dict[bytes, int], max_body: int) -> RequestHead:
     """One pass over the request headers: the model header, what to forward, framing."""
     hosts = 0
     model_value = xff = None
@@ -40,26 +55,28 @@ def scan(headers, model_headers, max_body: int) -> RequestHead:
     kept = []
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP:
-            if lname == b"transfer-encoding":
-                chunked = True
-            elif lname == b"connection":
-                tokens = tokens + tuple(t.strip() for t in value.lower().split(b","))
-            elif lname == b"expect" and value.lower() == b"100-continue":
-                expect = True
-            continue
-        if lname == b"host":
+        kind = kinds.get(lname)
+        if kind is None:
+            kept.append((lname, name, value))
+        elif kind == _HOST:
             hosts += 1
-        elif lname == b"content-length":
+            kept.append((lname, name, value))
+        elif kind == _LENGTH:
             content_length = int(value)
-        elif lname == b"x-forwarded-for":
-            xff = value if xff is None else xff + b", " + value
-            continue
-        if lname in model_headers:
+            kept.append((lname, name, value))
+        elif kind == _MODEL:
             if model_value is not None and model_value != value:
                 raise BadRequest("the request names two different models in its headers")
             model_value = value
-        kept.append((lname, name, value))
+            kept.append((lname, name, value))
+        elif kind == _XFF:
+            xff = value if xff is None else xff + b", " + value
+        elif kind == _TE:
+            chunked = True
+        elif kind == _CONNECTION:
+            tokens = tokens + tuple(t.strip() for t in value.lower().split(b","))
+        elif kind == _EXPECT:
+            expect = expect or value.lower() == b"100-continue"
     if hosts != 1:
         raise MalformedRequest("a request must have exactly one Host header")
     if content_length > max_body:
@@ -71,21 +88,24 @@ def scan(headers, model_headers, max_body: int) -> RequestHead:
 def upstream_head(method: bytes, url: bytes, model: str, target, req: RequestHead,
                   client_ip: bytes, model_headers) -> bytes:
     """The request head as the runtime gets it: rewritten to the target, hop-by-hop dropped."""
-    if target.rewrite:
+    rewrite = target.rewrite
+    if rewrite:
         url = rewrite_path(url, model, target)
-    head = [b"%s %s HTTP/1.1\r\n" % (method, url)]
+    head = [method, b" ", url, b" HTTP/1.1\r\n"]
     tokens = req.tokens
-    for lname, name, value in req.kept:
-        if tokens and lname in tokens:
-            continue
-        if target.rewrite and lname in model_headers:
-            value = target.model_bytes
-        head.append(b"%s: %s\r\n" % (name, value))
+    if tokens or (rewrite and req.model_value is not None):
+        for lname, name, value in req.kept:
+            if tokens and lname in tokens:
+                continue
+            if rewrite and lname in model_headers:
+                value = target.model_bytes
+            head += (name, b": ", value, b"\r\n")
+    else:  # the usual case: every kept header goes as it came
+        for _, name, value in req.kept:
+            head += (name, b": ", value, b"\r\n")
     xff = req.xff
-    head.append(b"x-forwarded-for: %s\r\n" % (client_ip if xff is None else xff + b", " + client_ip))
-    if req.chunked:
-        head.append(b"transfer-encoding: chunked\r\n")
-    head.append(b"\r\n")
+    head += (b"x-forwarded-for: ", client_ip if xff is None else xff + b", " + client_ip,
+             b"\r\n\r\n" if not req.chunked else b"\r\ntransfer-encoding: chunked\r\n\r\n")
     return b"".join(head)
 
 

@@ -45,6 +45,7 @@ class HttpContext:
         self.snapshot = snapshot
         self.local = local  # (method, path) -> (status, json bytes) | None
         self.rnd = rnd
+        self.header_kinds = headers.header_kinds(settings.model_headers)
         self.now = time.monotonic()  # coarse clock, advanced by the ticker
         self.connections: set[HttpConnection] = set()
         self.draining = False
@@ -234,7 +235,7 @@ class HttpConnection(asyncio.Protocol):
         if self.parser.get_http_version() != "1.1":
             raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
         settings = ctx.settings
-        req = headers.scan(ex.headers, settings.model_headers, settings.max_request_body_bytes)
+        req = headers.scan(ex.headers, ctx.header_kinds, settings.max_request_body_bytes)
         ex.chunked = req.chunked
         model, version = model_name.resolve(req.model_value, ex.url)
         if model is None:

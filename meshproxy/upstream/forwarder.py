@@ -197,10 +197,11 @@ class Exchange:
     def response_head(self, head: bytes, status: int, until_close: bool, rest: bytes) -> None:
         t_in = time.perf_counter()
         ctx = self.conn.ctx
+        endpoint = self.endpoint
         if status >= 500:
-            ctx.outlier_failure(self.endpoint, status)
-        else:
-            ctx.outlier.success(self.endpoint)
+            ctx.outlier_failure(endpoint, status)
+        elif endpoint.failures_5xx or endpoint.failures_gateway:  # a success ends a run of failures
+            ctx.outlier.success(endpoint)
         if not self.request_done:  # the runtime may not have read the whole body
             self.upstream.forbid_reuse()
         self.status = status

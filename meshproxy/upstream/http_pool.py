@@ -30,8 +30,8 @@ class ResponseSink(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_in_head",
-                 "_done", "_until_close", "_keep_alive", "_no_body")
+    __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
+                 "_in_head", "_done", "_until_close", "_keep_alive", "_no_body")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
@@ -43,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self._head = b""
         self._statuses: list[int] = []  # of heads llhttp finished and we have not taken yet
+        self._status = 0  # of the message llhttp is in
         self._in_head = True
         self._done = self._until_close = self._no_body = False
         self._keep_alive = True
@@ -67,11 +68,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- llhttp callbacks
     def on_headers_complete(self) -> None:
-        self._statuses.append(self._parser.get_status_code())
+        self._status = status = self._parser.get_status_code()
+        self._statuses.append(status)
         self._keep_alive = self._parser.should_keep_alive()
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() >= 200:
+        if self._status >= 200:
             self._done = True
 
     # -- asyncio
@@ -102,7 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         while self._statuses:
             status = self._statuses.pop(0)
             end = buf.find(b"\r\n\r\n") + 4
-            head, rest = bytes(buf[:end]), bytes(buf[end:])
+            head, rest = buf[:end], buf[end:]
             if status < 200:  # an interim response: drop it, the final one follows
                 buf = rest
                 continue
@@ -113,7 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
                                  and status not in (204, 304) and _no_framing(head))
             sink.response_head(head, status, self._until_close, rest)
             return
-        self._head = bytes(buf)
+        self._head = buf
         if len(buf) > MAX_RESPONSE_HEAD:
             self._fail(UpstreamFailure(f"runtime {self.pool.name} sent a response head over 64 KiB"))
 
