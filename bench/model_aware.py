@@ -10,9 +10,18 @@ runtime), and marks the answer `X-Bench-Forwarded: 1`. It runs three ways:
   ingress gateway) spreads them at random: the same number of proxies in front as meshproxy;
 - `meshproxy`: every request goes to meshproxy, which sends it straight to the holder.
 
-The 4 runtimes are server blocks of one nginx pinned with k6 to the load core: a `location` per
-own model answers like the bench upstream, a `location` per other model is a `proxy_pass` to its
-holder. Every front (nginx, Envoy, meshproxy) is pinned to the proxy core.
+Each runtime is its own nginx process (own config dir, one worker), as runtimes are separate
+pods: a `location` per own model answers like the bench upstream, a `location` per other model
+is a `proxy_pass` over warm keep-alive connections to the holder, so a forward is a real hop to
+another process (a wake-up and a context switch), as between pods.
+
+Placement: k6 alone on the load core; every serving-side process (the 4 runtimes and the front
+under test, if any) on the proxy core. So every path crosses between cores the same way, client
+-> serving side -> client, and every hop behind the entry point (front -> runtime, runtime ->
+holder) stays on one core. With the runtimes on the client's core instead, `service` would
+cross cores 0 times and every front 4 times (client -> front -> runtime -> front -> client),
+which no cluster does. The front CPU column is the front's own process tree; the runtimes'
+CPU is not in it.
 """
 
 from __future__ import annotations
@@ -66,18 +75,18 @@ _NGINX_FRONT = """\
     }}"""
 
 
-def nginx_http(ports: list[int]) -> str:
-    """Upstream blocks (warm keep-alive to every runtime) and one server per runtime."""
+def runtime_http(i: int, ports: list[int]) -> str:
+    """The http block of runtime `i`: a warm keep-alive upstream per other runtime, and one
+    server answering its own models and forwarding the others once to their holder."""
     blocks = [f"    upstream runtime{j} {{\n        server 127.0.0.1:{p};\n        keepalive 16;\n"
-              f"        keepalive_requests 1000000;\n    }}" for j, p in enumerate(ports)]
-    for i, port in enumerate(ports):
-        locations = []
-        for j in range(RUNTIMES):
-            for model in models_of(j):
-                locations.append(_HOLDER.format(model=model, response=UPSTREAM_RESPONSE) if i == j
-                                 else _FORWARD.format(model=model, holder=j))
-        blocks.append(f"    server {{\n        listen 127.0.0.1:{port} backlog=4096;\n"
-                      + "\n".join(locations) + "\n    }")
+              f"        keepalive_requests 1000000;\n    }}" for j, p in enumerate(ports) if j != i]
+    locations = []
+    for j in range(RUNTIMES):
+        for model in models_of(j):
+            locations.append(_HOLDER.format(model=model, response=UPSTREAM_RESPONSE) if i == j
+                             else _FORWARD.format(model=model, holder=j))
+    blocks.append(f"    server {{\n        listen 127.0.0.1:{ports[i]} backlog=4096;\n"
+                  + "\n".join(locations) + "\n    }")
     return "\n".join(blocks)
 
 
@@ -90,11 +99,32 @@ def meshproxy_yaml(port: int, admin: int, ports: list[int]) -> str:
             f"admin: {{address: '127.0.0.1:{admin}'}}\nstatic_resources:\n  runtimes:\n{runtimes}")
 
 
-def start_runtimes(work: Path, cpu: int | None) -> tuple[Proc, list[int]]:
+def start_runtimes(work: Path, cpu: int | None) -> tuple[list[Proc], list[int]]:
+    """One nginx process per runtime (`runtime0`..), all pinned to `cpu`, each ready when it
+    answers one of its own models; if one fails, those already started are stopped."""
     ports = [free_port() for _ in range(RUNTIMES)]
-    proc = _start_nginx("runtimes", work, nginx_http(ports), cpu)
-    _ready_on(proc, f"http://127.0.0.1:{ports[-1]}/v2/models/{models_of(RUNTIMES - 1)[0]}/infer")
-    return proc, ports
+    procs: list[Proc] = []
+    try:
+        for i in range(RUNTIMES):
+            proc = _start_nginx(f"runtime{i}", work, runtime_http(i, ports), cpu)
+            procs.append(proc)
+            _ready_on(proc, f"http://127.0.0.1:{ports[i]}/v2/models/{models_of(i)[0]}/infer")
+    except BaseException:
+        stop_all(procs)
+        raise
+    return procs, ports
+
+
+def stop_all(procs: list[Proc]) -> None:
+    """Stop each by its PID; one failing to stop does not leave the others running."""
+    errors = []
+    for proc in procs:
+        try:
+            proc.stop()
+        except Exception as e:  # noqa: BLE001 - try the rest, then report
+            errors.append(f"{proc.name}: {type(e).__name__}: {e}")
+    if errors:
+        raise RuntimeError("; ".join(errors))
 
 
 def start_service(env: Env, ports: list[int]) -> tuple[None, list[str]]:
@@ -152,8 +182,11 @@ def check(urls: list[str], body: bytes) -> None:
 def run(env: Env, body: bytes, body_path: Path, rates: list[tuple[int, int, int, int]],
         load_cpu: int, meter_cpu: int, names=tuple(SCENARIOS)) -> dict[str, dict]:
     """{scenario: {rate: k6 figures + forwarded share} or {"failed": why}} for each (rate, VUs,
-    warm-up s, measured s)."""
-    runtimes, ports = start_runtimes(env.work, load_cpu)
+    warm-up s, measured s). k6 runs on `load_cpu`; the runtimes and each front on `meter_cpu`."""
+    try:
+        runtimes, ports = start_runtimes(env.work, meter_cpu)
+    except Exception as e:  # noqa: BLE001 - recorded, so the rest of the report is written
+        return {name: {"failed": f"runtimes: {type(e).__name__}: {e}"} for name in names}
     out: dict[str, dict] = {}
     try:
         for name in names:
@@ -172,7 +205,7 @@ def run(env: Env, body: bytes, body_path: Path, rates: list[tuple[int, int, int,
                 if proc is not None:
                     proc.stop()
     finally:
-        runtimes.stop()
+        stop_all(runtimes)
     return out
 
 

@@ -87,10 +87,13 @@ def models(results: dict, settings: dict) -> list[str]:
     lines = ["", "## Model-aware routing: 4 runtimes, 2 models each", "",
              "Each request names one of 8 models at random. `service`: sent to a runtime drawn at "
              "random, which forwards it once to the holder when it lacks the model (a real "
-             "nginx proxy hop); `nginx-front`, `envoy-front`: the same behind a model-unaware "
-             "ingress that spreads requests at random; `meshproxy`: sent to meshproxy, which "
-             "routes it to the holder. Runtimes (nginx) and k6 on cpu "
-             f"{settings['load_cpu']}, fronts pinned to cpu {settings['proxy_cpu']}; "
+             "nginx proxy hop to another process); `nginx-front`, `envoy-front`: the same behind "
+             "a model-unaware ingress that spreads requests at random; `meshproxy`: sent to "
+             "meshproxy, which routes it to the holder. Each runtime is its own nginx process "
+             f"(like a pod). k6 alone on cpu {settings['load_cpu']}; the 4 runtimes and the front "
+             f"under test all on cpu {settings['proxy_cpu']}, so every path crosses cores the "
+             "same way (client -> serving side -> client) and every hop behind it stays on one "
+             "core. Front CPU is the front's own process only. "
              f"{settings['model_duration_s']} s at {settings['rate']} req/s (1 VU), "
              f"{settings['extra_latency_duration_s']} s at {settings['fast_rate']:,} req/s "
              f"({settings['fast_vus']} VUs). See bench/model_aware.py.", ""]

@@ -1,6 +1,6 @@
-"""bench/: the meshproxy configs it writes pass the proxy's own validation; the model-aware
-nginx gives every runtime one answering location per own model and a forward per other one;
-request bodies have the advertised sizes."""
+"""bench/: the meshproxy configs it writes pass the proxy's own validation; each model-aware
+runtime (its own nginx) has one answering location per own model, a forward per other one, and
+an upstream per other runtime; request bodies have the advertised sizes."""
 
 import re
 import sys
@@ -36,13 +36,16 @@ def test_meshproxy_configs_of_the_bench_are_valid(bench):
 
 def test_each_runtime_answers_its_own_models_and_forwards_the_others_once(bench):
     _, model_aware, _ = bench
-    http = model_aware.nginx_http([11, 12, 13, 14])
-    servers = http.split("    server {")[1:]
-    assert len(servers) == model_aware.RUNTIMES
-    for i, server in enumerate(servers):
+    ports = [11, 12, 13, 14]
+    for i in range(model_aware.RUNTIMES):
+        http = model_aware.runtime_http(i, ports)
+        servers = http.split("    server {")[1:]
+        assert len(servers) == 1 and f"listen 127.0.0.1:{ports[i]} " in servers[0]
+        upstreams = dict(re.findall(r"upstream runtime(\d) \{\s*server 127\.0\.0\.1:(\d+);", http))
+        assert upstreams == {str(j): str(p) for j, p in enumerate(ports) if j != i}
         own = set(model_aware.models_of(i))
         for model in model_aware.ALL_MODELS:
-            block = re.search(r"location /v2/models/%s/ \{(.*?)\}" % model, server, re.S)[1]
+            block = re.search(r"location /v2/models/%s/ \{(.*?)\}" % model, servers[0], re.S)[1]
             if model in own:
                 assert "return 200" in block and "proxy_pass" not in block
             else:
