@@ -358,7 +358,8 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.metrics.record_request(
                 ex.model if self.ctx.snapshot.is_known(ex.model) else "", "rest", ex.status, "",
                 time.perf_counter() - ex.t0, ex.body_bytes, ex.bytes_out)
-        ex.finished()
+        if ex.routed:
+            ex.finished()
         if self.closed:
             return
         if force_close or ex.close_after or not ex.keep_alive or self.ctx.draining:
@@ -375,7 +376,8 @@ class HttpConnection(asyncio.Protocol):
                 self.flush()
         else:
             self.deadline = self.ctx.now + self.ctx.settings.idle_timeout
-            self.resume_client()
+            if self.reading_paused:
+                self.resume_client()
 
     def protocol_error(self, err: ProxyError) -> None:
         """The client sent bytes that are not valid HTTP: answer after earlier requests, then close."""

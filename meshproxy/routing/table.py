@@ -61,7 +61,7 @@ class Mirror:
 class Route:
     """Policy for one client-facing model: header rules, a default split, mirror, rate limit."""
 
-    __slots__ = ("model", "rules", "split", "mirror", "limiter", "hash_header")
+    __slots__ = ("model", "rules", "split", "mirror", "limiter", "hash_header", "only")
 
     def __init__(self, model: str, split: Split, rules: list[HeaderRule] = (),
                  mirror: Mirror | None = None, limiter: TokenBucket | None = None,
@@ -72,6 +72,8 @@ class Route:
         self.mirror = mirror
         self.limiter = limiter
         self.hash_header = hash_header
+        # The one target every request goes to, when there is nothing to choose (most routes).
+        self.only = split.targets[0] if not self.rules and len(split.targets) == 1 else None
         for s in (split, *(r.split for r in self.rules)):
             for t in s.targets:
                 t.route = self
@@ -137,7 +139,7 @@ class Snapshot:
             wait = route.limiter.take(now)
             if wait:
                 raise RateLimited(f"model {model!r} is over its rate limit", model, wait)
-        target = route.select(rnd, header)
+        target = route.only or route.select(rnd, header)
         balancer = target.balancer
         if version is not None and not target.rewrite:
             balancer = self._versioned.get((model, version), balancer)

@@ -92,8 +92,9 @@ def record(cell: Cell, code, seconds: float, bytes_in: int, bytes_out: int,
         hist[-1] += overhead
 
 
-def record_attempt(attempts: dict, outcome: str, seconds: float) -> None:
-    """One try into a runtime's {outcome: histogram} (RequestStats.attempts_of)."""
+def record_attempt(attempts: dict, outcome: int | str, seconds: float) -> None:
+    """One try into a runtime's {outcome: histogram} (RequestStats.attempts_of); the outcome is
+    a status (int, made text at scrape time) or a failure kind."""
     hist = attempts.get(outcome)
     if hist is None:
         hist = attempts[outcome] = _histogram(LATENCY_BUCKETS)
@@ -106,7 +107,7 @@ class RequestStats:
 
     def __init__(self) -> None:
         self.cells: dict[tuple[str, str, str], Cell] = {}  # (model, protocol, runtime)
-        self.attempts: dict[str, dict[str, list]] = {}     # runtime -> outcome -> histogram
+        self.attempts: dict[str, dict[int | str, list]] = {}  # runtime -> outcome -> histogram
         self.attempt_timeouts: dict[str, int] = {}          # runtime
 
     def cell(self, model: str, protocol: str, runtime: str) -> Cell:
@@ -152,7 +153,7 @@ class RequestStats:
         yield _histogram_family(
             "meshproxy_upstream_attempt_duration_seconds",
             "Each try against a runtime, by runtime and outcome", ["runtime", "outcome"],
-            LATENCY_BUCKETS, {(runtime, outcome): hist
+            LATENCY_BUCKETS, {(runtime, str(outcome)): hist
                               for runtime, by_outcome in list(self.attempts.items())
                               for outcome, hist in list(by_outcome.items())})
         timeouts = CounterMetricFamily("meshproxy_upstream_attempt_timeouts",
@@ -274,10 +275,6 @@ class ProxyMetrics:
         The REST listener records through a cached cell and record() instead."""
         record(self.stats.cell(model, protocol, runtime), code, seconds, bytes_in, bytes_out,
                overhead)
-
-    def record_attempt(self, runtime: str, outcome: str, seconds: float) -> None:
-        """One try against a runtime ended: outcome is the status (e.g. "200") or the failure."""
-        record_attempt(self.stats.attempts_of(runtime), outcome, seconds)
 
     def record_attempt_timeout(self, runtime: str) -> None:
         t = self.stats.attempt_timeouts

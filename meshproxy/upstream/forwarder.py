@@ -98,7 +98,8 @@ class Exchange:
         else:
             pool.connect(self)
 
-    def end_try(self, outcome: str = "cancelled") -> None:
+    def end_try(self, outcome: int | str = "cancelled") -> None:
+        """The try is over: a status (int) or why it failed."""
         if self.in_try:
             self.in_try = False
             endpoint = self.endpoint
@@ -108,7 +109,7 @@ class Exchange:
                 attempts = endpoint.attempts = self.conn.ctx.metrics.stats.attempts_of(endpoint.name)
             metrics.record_attempt(attempts, outcome, time.perf_counter() - self.t_try)
             if self.try_span is not None:
-                self.conn.ctx.tracing.end_try(self, outcome)
+                self.conn.ctx.tracing.end_try(self, str(outcome))
 
     def body(self, pieces: tuple[bytes, ...], size: int) -> None:
         """Body bytes (already framed for the upstream) from the client."""
@@ -225,7 +226,7 @@ class Exchange:
 
     def response_complete(self, reusable: bool) -> None:
         self.upstream = None
-        self.end_try(str(self.status))
+        self.end_try(self.status)
         if self.swallow:
             reason, self.swallow = self.swallow, False
             self.schedule_retry(reason)
