@@ -7,7 +7,7 @@ client got. What it measures is the proxy's own Python and llhttp work per reque
 the event loop and the kernel; `make bench` measures the whole. Use it (with py-spy or
 cProfile: `--profile`) before and after a change to the hot path.
 
-    .venv/bin/python bench/hotpath.py [--requests 200000] [--repeat 5] [--profile]
+    .venv/bin/python bench/hotpath.py [--requests 200000] [--repeat 5] [--vary] [--profile]
 """
 
 from __future__ import annotations
@@ -96,13 +96,13 @@ def setup():
     return client, up
 
 
-def run(n: int, client, up, req: bytes, resp: bytes) -> float:
-    """Seconds per request over `n` requests."""
+def run(n: int, client, up, reqs: list[bytes], resp: bytes) -> float:
+    """Seconds per request over `n` requests, sent in turn from `reqs`."""
     c_out, u_out = client.transport.out, up.transport.out
     feed_client, feed_up = client.data_received, up.data_received
     t0 = time.perf_counter()
-    for _ in range(n):
-        feed_client(req)
+    for i in range(n):
+        feed_client(reqs[i % len(reqs)])
         feed_up(resp)
     elapsed = time.perf_counter() - t0
     answer = c_out[-1] if c_out and isinstance(c_out[-1], bytes) else b"".join(c_out[-1] if c_out else ())
@@ -119,9 +119,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200_000)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="cProfile one run, print the top 25")
+    p.add_argument("--vary", action="store_true",
+                   help="alternate two request heads (Content-Length 3000 and 3001), so no "
+                        "request repeats the head before it")
     args = p.parse_args()
     client, up = setup()
-    req, resp = request_bytes(load.infer_body()), response_bytes()
+    req = [request_bytes(load.infer_body())]
+    if args.vary:
+        req.append(request_bytes(load.infer_body() + b" "))
+    resp = response_bytes()
     run(2000, client, up, req, resp)  # warm-up; also checks the path end to end
     if args.profile:
         prof = cProfile.Profile()

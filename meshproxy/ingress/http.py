@@ -70,6 +70,29 @@ class HttpContext:
             conn.drain()
 
 
+class LastHead:
+    """The previous request head on a connection and what was read from it.
+
+    Clients on a keep-alive connection mostly send the same head again and again (same path,
+    same headers, the same Content-Length for a fixed-shape tensor). When a head equals the
+    one before it (three compares of bytes), the proxy reuses what it read and the upstream
+    head it built for the same target, instead of reading every header again. A head that
+    differs costs the compares and is read as usual.
+    """
+
+    __slots__ = ("headers", "url", "method", "req", "model", "version", "target",
+                 "upstream_head")
+
+    def __init__(self):
+        self.headers = self.url = self.method = None
+        self.req = self.model = self.version = self.target = None
+        self.upstream_head = b""
+
+    def remember(self, ex: Exchange, req, model, version) -> None:
+        self.headers, self.url, self.method = ex.headers, ex.url, ex.method
+        self.req, self.model, self.version, self.target = req, model, version, None
+
+
 class HttpConnection(asyncio.Protocol):
     """A client connection: parses requests, routes them, relays responses in order."""
 
@@ -86,6 +109,7 @@ class HttpConnection(asyncio.Protocol):
         self.read_size = 0  # bytes of the read being parsed
         self.deadline = ctx.now + ctx.settings.idle_timeout
         self.reading_paused = False
+        self.last = LastHead()
 
     # -- asyncio
     def connection_made(self, transport) -> None:
@@ -235,9 +259,14 @@ class HttpConnection(asyncio.Protocol):
         if self.parser.get_http_version() != "1.1":
             raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
         settings = ctx.settings
-        req = headers.scan(ex.headers, ctx.header_kinds, settings.max_request_body_bytes)
+        last = self.last
+        if last.headers == ex.headers and last.url == ex.url and last.method == ex.method:
+            req, model, version = last.req, last.model, last.version  # the same head again
+        else:
+            req = headers.scan(ex.headers, ctx.header_kinds, settings.max_request_body_bytes)
+            model, version = model_name.resolve(req.model_value, ex.url)
+            last.remember(ex, req, model, version)
         ex.chunked = req.chunked
-        model, version = model_name.resolve(req.model_value, ex.url)
         if model is None:
             self.answer_local(ex)
             return
@@ -253,8 +282,12 @@ class HttpConnection(asyncio.Protocol):
         if m is not None and m.inflight < m.max_concurrent and ctx.rnd() < m.fraction:
             ex.mirror = (m, headers.upstream_head(ex.method, ex.url, model, m.target, req,
                                                   self.client_ip, settings.model_headers))
-        head = headers.upstream_head(ex.method, ex.url, model, target, req, self.client_ip,
-                                     settings.model_headers)
+        if last.target is target:
+            head = last.upstream_head
+        else:
+            head = last.upstream_head = headers.upstream_head(
+                ex.method, ex.url, model, target, req, self.client_ip, settings.model_headers)
+            last.target = target
         if ctx.tracing is not None:
             ctx.tracing.start_request(ex, model)
         ex.first_try(target, balancer, endpoint, head, ctx.now)

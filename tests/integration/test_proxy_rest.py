@@ -250,3 +250,24 @@ async def test_runtime_answering_before_the_body_ends_gets_connection_close_and_
         await app.stop()
         server.close()
     assert statuses(head) == [413] and b"connection: close" in head.lower()
+
+
+async def test_a_head_sent_again_on_one_connection_is_routed_like_the_first():
+    # The proxy reuses what it read from a head equal to the one before it on the connection
+    # (ingress/http.py LastHead); a different head in between, or after, is read afresh.
+    body = json.dumps(SUM_BODY).encode()
+
+    def request(model: bytes, extra: bytes = b"") -> bytes:
+        return (b"POST /v2/models/" + model + b"/infer HTTP/1.1\r\nHost: x\r\n" + extra
+                + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                + body)
+
+    async with runtimes(("r1", ["sum", "identity"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, request(b"sum") + request(b"sum") + request(b"identity")
+                          + request(b"identity") + request(b"sum")
+                          + request(b"sum", b"model: identity\r\n")
+                          + request(b"sum", b"Connection: close\r\n"))
+    assert statuses(reply) == [200, 200, 200, 200, 200, 400, 200]
+    answers = [json.loads(m)["outputs"][0]["data"]
+               for m in re.findall(rb'\{"model_name".*?\}\]\S*?\}', reply)]
+    assert answers == [[6], [6], [1, 2, 3], [1, 2, 3], [6], [6]], reply
