@@ -14,6 +14,7 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
 _HOP_LINE = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|upgrade):([^\r\n]*)",
                        re.IGNORECASE)
 _CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b""))
+_USUAL_VALUES = frozenset((b" keep-alive", b" close", b" Keep-Alive", b" Close"))  # as sent
 
 
 class RequestHead:
@@ -133,8 +134,8 @@ def strip_hop_by_hop(head: bytes) -> bytes:
     parts = _HOP_LINE.split(head)
     if len(parts) == 1:
         return head
-    if (len(parts) == 4 and parts[2].strip().lower() in _CONNECTION_OPTIONS
-            and parts[1].lower() == b"connection"):
+    if len(parts) == 4 and (parts[2] in _USUAL_VALUES or parts[2].strip().lower() in
+                            _CONNECTION_OPTIONS) and parts[1].lower() == b"connection":
         return parts[0] + parts[3]  # the usual lone `Connection: keep-alive`
     named = set()
     for i in range(1, len(parts), 3):

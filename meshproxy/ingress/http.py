@@ -256,8 +256,6 @@ class HttpConnection(asyncio.Protocol):
 
     def route(self, ex: Exchange) -> None:
         ctx = self.ctx
-        if self.parser.get_http_version() != "1.1":
-            raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
         settings = ctx.settings
         last = self.last
         if last.headers == ex.headers and last.url == ex.url and last.method == ex.method:
@@ -266,6 +264,10 @@ class HttpConnection(asyncio.Protocol):
             req = headers.scan(ex.headers, ctx.header_kinds, settings.max_request_body_bytes)
             model, version = model_name.resolve(req.model_value, ex.url)
             last.remember(ex, req, model, version)
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 request lines; all but 1.1 keep the connection
+        # open only when it says keep-alive, so a kept-alive one without Connection is 1.1.
+        if (not ex.keep_alive or req.tokens) and self.parser.get_http_version() != "1.1":
+            raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
         ex.chunked = req.chunked
         if model is None:
             self.answer_local(ex)

@@ -271,3 +271,12 @@ async def test_a_head_sent_again_on_one_connection_is_routed_like_the_first():
     answers = [json.loads(m)["outputs"][0]["data"]
                for m in re.findall(rb'\{"model_name".*?\}\]\S*?\}', reply)]
     assert answers == [[6], [6], [1, 2, 3], [1, 2, 3], [6], [6]], reply
+
+
+@pytest.mark.parametrize("version, connection", [
+    (b"1.0", b""), (b"1.0", b"Connection: keep-alive\r\n"), (b"2.0", b"Connection: keep-alive\r\n")])
+async def test_requests_other_than_http_1_1_get_426(version, connection):
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, b"GET /v2/models/sum/ready HTTP/" + version
+                          + b"\r\nHost: x\r\n" + connection + b"\r\n")
+    assert statuses(reply) == [426] and b"HTTP/1.1" in reply.split(b"\r\n\r\n", 1)[1], reply
