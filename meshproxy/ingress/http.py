@@ -279,7 +279,9 @@ class HttpConnection(asyncio.Protocol):
             value = ex.header(route.hash_header)
             ex.key = unit_hash(value) if value is not None else None
         endpoint = self.pick(ex, balancer, model, target)
-        pending, ex.outbox = ex.outbox, []
+        pending = ex.outbox or ()  # body pieces of a pipelined request, read before its turn
+        if pending:
+            ex.outbox = []
         m = route.mirror
         if m is not None and m.inflight < m.max_concurrent and ctx.rnd() < m.fraction:
             ex.mirror = (m, headers.upstream_head(ex.method, ex.url, model, m.target, req,
@@ -293,7 +295,7 @@ class HttpConnection(asyncio.Protocol):
         if ctx.tracing is not None:
             ctx.tracing.start_request(ex, model)
         ex.first_try(target, balancer, endpoint, head, ctx.now)
-        for piece in pending:  # a pipelined request's body, read before its turn
+        for piece in pending:
             if piece is None:
                 ex.body((b"0\r\n\r\n",), 0)
             else:

@@ -64,10 +64,9 @@ class Exchange:
     def first_try(self, target, balancer, endpoint, head: bytes, now: float) -> None:
         """Start the exchange: keep what replay needs, then send the first try."""
         self.target, self.balancer, self.routed = target, balancer, True
-        self.outbox.insert(0, head)
+        self.outbox.append(head)  # empty till now: body read before routing comes after it
         if target.retry.num_retries > 0 or self.mirror is not None:
-            self.replay = list(self.outbox)
-            self.replay_size = sum(map(len, self.outbox)) - len(head)
+            self.replay = [head]
         target.budget.active_requests += 1
         self.deadline = now + target.timeout
         self.send_try(endpoint, now)
