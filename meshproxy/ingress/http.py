@@ -325,10 +325,16 @@ class HttpConnection(asyncio.Protocol):
         """Send the runtime's response head (and any body bytes after it) to the client."""
         settings = self.ctx.settings
         close = ex.close_after or not ex.keep_alive or self.ctx.draining
-        head = headers.strip_hop_by_hop(head)
-        if head[5:8] == b"1.0":
-            head = b"HTTP/1.1" + head[8:]
-        parts = [head[:-2]]
+        up = ex.upstream
+        if up is not None and head == up.last_head:  # a runtime mostly repeats its heads
+            kept = up.last_kept
+        else:
+            kept = headers.strip_hop_by_hop(head)[:-2]
+            if kept[5:8] == b"1.0":
+                kept = b"HTTP/1.1" + kept[8:]
+            if up is not None:
+                up.last_head, up.last_kept = head, kept
+        parts = [kept]
         if settings.upstream_header:
             parts.append(ex.endpoint.served_header)
         if close:
@@ -336,7 +342,7 @@ class HttpConnection(asyncio.Protocol):
         parts.append(b"\r\n")
         if rest:
             parts.append(rest)
-        ex.bytes_out += len(head) + len(rest)
+        ex.bytes_out += len(kept) + 2 + len(rest)
         self.transport.writelines(parts)
 
     def answer_local(self, ex: Exchange) -> None:

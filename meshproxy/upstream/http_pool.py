@@ -31,13 +31,16 @@ class ResponseSink(Protocol):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
-                 "_in_head", "_done", "_until_close", "_keep_alive", "_no_body")
+                 "_in_head", "_done", "_until_close", "_keep_alive", "_no_body", "last_head",
+                 "last_kept")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self._parser = httptools.HttpResponseParser(self)
+        # The last response head relayed and what of it went to the client (ingress/http.py).
+        self.last_head = self.last_kept = b""
         self._reset()
 
     def _reset(self) -> None:
