@@ -30,7 +30,7 @@ from meshproxy.ingress import headers
 from meshproxy.routing.split import unit_hash
 from meshproxy.telemetry import metrics
 from meshproxy.upstream import mirror
-from meshproxy.upstream.forwarder import Exchange
+from meshproxy.upstream.forwarder import NEVER, Exchange
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PAUSE_OUTBOX = 1 << 20  # stop reading the client while this much waits for an upstream
@@ -480,12 +480,12 @@ class HttpConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.deadline = float("inf")
+            self.deadline = NEVER
             self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
-        self.deadline = float("inf")
+        self.deadline = NEVER
         for ex in self.queue:
             ex.abort_upstream()
         self.transport.abort()

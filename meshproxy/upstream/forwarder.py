@@ -19,6 +19,8 @@ import time
 from meshproxy.errors import NoHealthyUpstream, Overloaded, ProxyError, UpstreamTimeout
 from meshproxy.telemetry import metrics
 
+NEVER = float("inf")  # a deadline that does not come
+
 
 
 class Exchange:
@@ -46,7 +48,7 @@ class Exchange:
         self.replay: list[bytes] | None = None
         self.outbox: list[bytes] = []
         self.outbox_size = self.replay_size = self.status = self.body_bytes = self.tries = 0
-        self.deadline = self.try_deadline = float("inf")
+        self.deadline = self.try_deadline = NEVER
         self.mirror = self.span = self.try_span = self.base_head = self.retry_reason = None
         self.t0 = time.perf_counter()
         self.t_try = self.t_sent = self.overhead = 0.0
@@ -74,9 +76,13 @@ class Exchange:
     def send_try(self, endpoint, now: float) -> None:
         limits, pool = endpoint.limits, endpoint.pool
         self.endpoint = endpoint
-        self.try_deadline = (now + self.target.retry.per_try_timeout
-                             if self.target.retry.per_try_timeout else float("inf"))
-        self.conn.deadline = min(self.deadline, self.try_deadline)
+        per_try = self.target.retry.per_try_timeout
+        if per_try:
+            self.try_deadline = now + per_try
+            self.conn.deadline = min(self.deadline, self.try_deadline)
+        else:
+            self.try_deadline = NEVER
+            self.conn.deadline = self.deadline
         conn = pool.acquire()
         if conn is None and (pool.open >= limits.max_connections
                              or pool.connecting >= limits.max_pending_requests):
