@@ -48,6 +48,9 @@ class ProxyApp:
                               config.http.request_timeout)
         self.ctx = HttpContext(config.http, self.metrics, snap, self._local, random.random)
         self.metrics.watch_endpoints(lambda: self.ctx.snapshot)
+        # read when scraped, not kept up to date by the ticker
+        self.metrics.downstream_connections.set_function(lambda: len(self.ctx.connections))
+        self.metrics.ejected.set_function(lambda: len(self.ctx.outlier.ejected))
         self.ctx.outlier.set_clusters(snap.clusters.values())
         self.health = HealthChecker()
         self.watcher: FileWatcher | None = None
@@ -124,8 +127,6 @@ class ProxyApp:
         while True:
             await asyncio.sleep(TICK)
             self.ctx.tick()
-            self.metrics.downstream_connections.set(len(self.ctx.connections))
-            self.metrics.ejected.set(len(self.ctx.outlier.ejected))
 
     def _reload(self, config: ProxyConfig) -> None:
         """A new version of the config file: its resources apply now; listener, admin and http
