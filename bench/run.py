@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 # (throughput s, wrk warm-up s, rounds, latency s, k6 warm-up s,
 #  600 KB and workers: throughput s and rounds, other latency runs s, model-aware s)
-PROFILES = {"default": (6, 2, 5, 20, 2, 6, 2, 10, 15), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
+PROFILES = {"default": (6, 2, 5, 20, 2, 6, 2, 10, 30), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
 
 
 class InvalidPath(Exception):
