@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-rounds", type=int, help="rounds of the 600 KB and workers runs (default 2)")
     p.add_argument("--extra-latency-duration", type=int,
                    help="seconds of the 1,000 req/s and 600 KB k6 runs (default 10, quick 5)")
-    p.add_argument("--model-duration", type=int, help="seconds of each model-aware k6 run (default 15)")
+    p.add_argument("--model-duration", type=int, help="seconds of each model-aware k6 run at --rate (default 30)")
     p.add_argument("--no-workers", action="store_true", help="skip meshproxy --workers 1 vs 2")
     p.add_argument("--no-model-aware", action="store_true", help="skip the model-aware scenario")
     p.add_argument("--load-cpu", type=int, default=0, help="core for wrk, k6 and the upstream (default 0)")
