@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from meshproxy.errors import BadRequest
 
 MAX_NAME_LENGTH = 256
@@ -10,6 +9,10 @@ MAX_NAME_LENGTH = 256
 _ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _ALLOWED = _ALNUM + b"._:-"
 _PREFIX = b"/v2/models/"
+# Request targets already resolved (valid ones only: an invalid name raises before it is kept).
+# Clients send the same few paths again and again; the bound keeps odd ones from piling up.
+_BY_PATH: dict[bytes, tuple[str | None, str | None]] = {}
+_BY_PATH_SIZE = 4096
 
 
 def validate(name: bytes, where: str) -> str:
@@ -49,12 +52,6 @@ def resolve(header_value: bytes | None, target: bytes) -> tuple[str | None, str 
             _BY_PATH[target] = found
         return found
     return _resolve(header_value, target)
-
-
-# Request targets already resolved (valid ones only: an invalid name raises before it is kept).
-# Clients send the same few paths again and again; the bound keeps odd ones from piling up.
-_BY_PATH: dict[bytes, tuple[str | None, str | None]] = {}
-_BY_PATH_SIZE = 4096
 
 
 def _resolve(header_value: bytes | None, target: bytes) -> tuple[str | None, str | None]:
