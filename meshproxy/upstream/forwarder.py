@@ -22,7 +22,6 @@ from meshproxy.telemetry import metrics
 NEVER = float("inf")  # a deadline that does not come
 
 
-
 class Exchange:
     """One request/response on a client connection; the upstream connection reports to it."""
 
