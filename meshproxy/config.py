@@ -119,9 +119,14 @@ def load_file(path: str) -> ProxyConfig:
 
 
 def load_text(text: str, source: str = "<config>") -> ProxyConfig:
-    msg = parse_yaml(text, bootstrap_pb2.Bootstrap(), source)
+    return parse_config(text, bootstrap_pb2.Bootstrap(), _build, source)
+
+
+def parse_config(text: str, msg, build, source: str):
+    """`build(msg)` of the YAML `text` parsed into `msg`; every ConfigError starts with `source`."""
+    parsed = parse_yaml(text, msg, source)
     try:
-        return _build(msg)
+        return build(parsed)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

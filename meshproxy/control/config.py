@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from meshproxy._proto.meshproxy.v1 import control_plane_pb2, resources_pb2
-from meshproxy.config import (Address, ConfigError, parse_address, parse_yaml, read_file,
+from meshproxy.config import (Address, ConfigError, parse_address, parse_config, read_file,
                               validate_resources)
 
 
@@ -31,11 +31,7 @@ def load_file(path: str) -> ControlPlaneSettings:
 
 
 def load_text(text: str, source: str = "<config>") -> ControlPlaneSettings:
-    msg = parse_yaml(text, control_plane_pb2.ControlPlaneConfig(), source)
-    try:
-        return _build(msg)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    return parse_config(text, control_plane_pb2.ControlPlaneConfig(), _build, source)
 
 
 def _build(c: control_plane_pb2.ControlPlaneConfig) -> ControlPlaneSettings:

@@ -14,13 +14,14 @@ from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
 
 
 @contextlib.asynccontextmanager
-async def runtimes(*specs: tuple[str, list[str]], **options):
-    """Start one devtools runtime per (name, models); yield them; stop them."""
+async def runtimes(*specs: tuple[str, list[str]], grpc_port: int | None = None, **options):
+    """Start one devtools runtime per (name, models); yield them; stop them. REST is on a free
+    port; gRPC is off unless `grpc_port` is given (0: a free port)."""
     started = []
     try:
         for name, models in specs:
-            rt = DevRuntime(RuntimeOptions(name=name, models=models, http_port=0, grpc_port=None,
-                                           **options))
+            rt = DevRuntime(RuntimeOptions(name=name, models=models, http_port=0,
+                                           grpc_port=grpc_port, **options))
             await rt.start()
             started.append(rt)
         yield started

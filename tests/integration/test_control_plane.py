@@ -17,7 +17,7 @@ from meshproxy.control.app import ControlPlaneApp
 from meshproxy.control.config import load_file as load_cp_file, load_text as load_cp
 from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
 from meshproxy.discovery.state import RUNTIME_TYPE
-from tests.integration.harness import eventually, free_port
+from tests.integration.harness import eventually, free_port, runtimes
 
 POLL = 0.2
 GRACE = 0.6
@@ -64,21 +64,6 @@ async def proxies(cp_port: int, protocols=("DELTA", "STATE_OF_THE_WORLD"), extra
     finally:
         for app in apps:
             await app.stop()
-
-
-@contextlib.asynccontextmanager
-async def runtimes(*specs, **options):
-    started = []
-    try:
-        for name, models in specs:
-            rt = DevRuntime(RuntimeOptions(name=name, models=models, http_port=0, grpc_port=None,
-                                           **options))
-            await rt.start()
-            started.append(rt)
-        yield started
-    finally:
-        for rt in started:
-            await rt.stop()
 
 
 def routes(app: ProxyApp, model: str) -> set[str]:

@@ -17,27 +17,16 @@ from meshproxy._proto.inference import grpc_service_pb2 as pb
 from meshproxy._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from meshproxy.app import ProxyApp
 from meshproxy.config import load_text
-from meshproxy.devtools.runtime import DevRuntime, RuntimeOptions
+from tests.integration import harness
 from tests.integration.harness import eventually, free_port
 
 SERVICE = "/inference.GRPCInferenceService/"
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # where `-m tests.integration...` resolves
 
 
-@contextlib.asynccontextmanager
-async def runtimes(*specs: tuple[str, list[str]], **options):
+def runtimes(*specs: tuple[str, list[str]], **options):
     """Devtools runtimes with REST and gRPC on free ports."""
-    started = []
-    try:
-        for name, models in specs:
-            rt = DevRuntime(RuntimeOptions(name=name, models=models, http_port=0, grpc_port=0,
-                                           **options))
-            await rt.start()
-            started.append(rt)
-        yield started
-    finally:
-        for rt in started:
-            await rt.stop()
+    return harness.runtimes(*specs, grpc_port=0, **options)
 
 
 def runtime_entry(name: str, http_port: int, grpc_port: int, models: list[str]) -> str:
