@@ -7,7 +7,8 @@ client got. What it measures is the proxy's own Python and llhttp work per reque
 the event loop and the kernel; `make bench` measures the whole. Use it (with py-spy or
 cProfile: `--profile`) before and after a change to the hot path.
 
-    .venv/bin/python bench/hotpath.py [--requests 200000] [--repeat 5] [--vary] [--profile]
+    .venv/bin/python bench/hotpath.py [--requests 200000] [--repeat 5] [--vary | --models N]
+                                      [--profile]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ static_resources:
   runtimes:
     - name: upstream
       http_address: 127.0.0.1:9
-      models: [{name: bench}]
+      models: [{name: bench}%s]
 """
 
 
@@ -75,9 +76,9 @@ class MemoryTransport:
     resume_reading = pause_reading
 
 
-def request_bytes(body: bytes) -> bytes:
+def request_bytes(body: bytes, model: str = "bench") -> bytes:
     """A request as wrk sends it (bench/wrk_post.lua)."""
-    return (b"POST /v2/models/bench/infer HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    return (b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n" % model.encode() +
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
@@ -89,8 +90,8 @@ def response_bytes() -> bytes:
             b"Connection: keep-alive\r\n\r\n" % len(body) + body)
 
 
-def setup():
-    app = ProxyApp(load_text(CONFIG))
+def setup(models: int = 1):
+    app = ProxyApp(load_text(CONFIG % "".join(f", {{name: m{i}}}" for i in range(1, models))))
     endpoint = app.registry.endpoints["upstream"]
     up = UpstreamConnection(endpoint.pool)
     up.connection_made(MemoryTransport())
@@ -126,9 +127,13 @@ def main() -> None:
     p.add_argument("--vary", action="store_true",
                    help="alternate two request heads (Content-Length 3000 and 3001), so no "
                         "request repeats the head before it")
+    p.add_argument("--models", type=int, default=1,
+                   help="send to N models in turn (/v2/models/{name}/infer), as a client "
+                        "calling several models on one connection does")
     args = p.parse_args()
-    client, up = setup()
-    req = [request_bytes(load.infer_body())]
+    client, up = setup(args.models)
+    req = [request_bytes(load.infer_body(), "bench" if i == 0 else f"m{i}")
+           for i in range(args.models)]
     if args.vary:
         req.append(request_bytes(load.infer_body() + b" "))
     resp = response_bytes()

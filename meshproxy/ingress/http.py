@@ -70,27 +70,27 @@ class HttpContext:
             conn.drain()
 
 
-class LastHead:
-    """The previous request head on a connection and what was read from it.
+class SeenHead:
+    """A request head seen on a connection and what was read from it.
 
-    Clients on a keep-alive connection mostly send the same head again and again (same path,
-    same headers, the same Content-Length for a fixed-shape tensor). When a head equals the
-    one before it (three compares of bytes), the proxy reuses what it read and the upstream
-    head it built for the same target, instead of reading every header again. A head that
-    differs costs the compares and is read as usual.
+    Clients on a keep-alive connection mostly send the same few heads again and again: the
+    same path and headers, the same Content-Length for a fixed-shape tensor, one head per
+    model when they call several. A connection keeps its last `SEEN_HEADS` heads by URL; a
+    head equal to one of them (a dict lookup and two compares of bytes) reuses what was read
+    from it and the upstream head built for the same target, instead of reading every header
+    again. A head that differs costs the lookup and the compares and is read as usual.
     """
 
-    __slots__ = ("headers", "url", "method", "req", "model", "version", "target",
-                 "upstream_head")
+    __slots__ = ("headers", "method", "req", "model", "version", "target", "upstream_head")
 
-    def __init__(self):
-        self.headers = self.url = self.method = None
-        self.req = self.model = self.version = self.target = None
+    def __init__(self, ex: Exchange, req, model, version):
+        self.headers, self.method = ex.headers, ex.method
+        self.req, self.model, self.version = req, model, version
+        self.target = None
         self.upstream_head = b""
 
-    def remember(self, ex: Exchange, req, model, version) -> None:
-        self.headers, self.url, self.method = ex.headers, ex.url, ex.method
-        self.req, self.model, self.version, self.target = req, model, version, None
+
+SEEN_HEADS = 8  # per connection: a few KB at most, enough for a client calling several models
 
 
 class HttpConnection(asyncio.Protocol):
@@ -109,7 +109,7 @@ class HttpConnection(asyncio.Protocol):
         self.read_size = 0  # bytes of the read being parsed
         self.deadline = ctx.now + ctx.settings.idle_timeout
         self.reading_paused = False
-        self.last = LastHead()
+        self.seen: dict[bytes, SeenHead] = {}  # by URL, oldest first
 
     # -- asyncio
     def connection_made(self, transport) -> None:
@@ -257,13 +257,13 @@ class HttpConnection(asyncio.Protocol):
     def route(self, ex: Exchange) -> None:
         ctx = self.ctx
         settings = ctx.settings
-        last = self.last
-        if last.headers == ex.headers and last.url == ex.url and last.method == ex.method:
-            req, model, version = last.req, last.model, last.version  # the same head again
+        seen = self.seen.get(ex.url)
+        if seen is not None and seen.headers == ex.headers and seen.method == ex.method:
+            req, model, version = seen.req, seen.model, seen.version  # a head seen before
         else:
             req = headers.scan(ex.headers, ctx.header_kinds, settings.max_request_body_bytes)
             model, version = model_name.resolve(req.model_value, ex.url)
-            last.remember(ex, req, model, version)
+            seen = self.remember(ex, req, model, version)
         # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 request lines; all but 1.1 keep the connection
         # open only when it says keep-alive, so a kept-alive one without Connection is 1.1.
         if (not ex.keep_alive or req.tokens) and self.parser.get_http_version() != "1.1":
@@ -286,12 +286,12 @@ class HttpConnection(asyncio.Protocol):
         if m is not None and m.inflight < m.max_concurrent and ctx.rnd() < m.fraction:
             ex.mirror = (m, headers.upstream_head(ex.method, ex.url, model, m.target, req,
                                                   self.client_ip, settings.model_headers))
-        if last.target is target:
-            head = last.upstream_head
+        if seen.target is target:
+            head = seen.upstream_head
         else:
-            head = last.upstream_head = headers.upstream_head(
+            head = seen.upstream_head = headers.upstream_head(
                 ex.method, ex.url, model, target, req, self.client_ip, settings.model_headers)
-            last.target = target
+            seen.target = target
         if ctx.tracing is not None:
             ctx.tracing.start_request(ex, model)
         ex.first_try(target, balancer, endpoint, head, ctx.now)
@@ -305,6 +305,13 @@ class HttpConnection(asyncio.Protocol):
             mirror.send(ex, ctx)
         if req.expect and not ex.request_done:
             self.transport.write(_CONTINUE)
+
+    def remember(self, ex: Exchange, req, model, version) -> SeenHead:
+        seen = self.seen
+        if len(seen) >= SEEN_HEADS and ex.url not in seen:
+            del seen[next(iter(seen))]  # the oldest
+        entry = seen[ex.url] = SeenHead(ex, req, model, version)
+        return entry
 
     def pick(self, ex: Exchange, balancer, model: str, target):
         """An endpoint with room for one more request, or the ProxyError that says why not."""

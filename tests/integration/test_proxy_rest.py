@@ -9,6 +9,7 @@ import pytest
 
 from meshproxy.app import ProxyApp
 from meshproxy.config import load_text
+from meshproxy.ingress.http import SEEN_HEADS
 from tests.integration.harness import eventually, proxy, raw, runtimes, statuses
 
 SUM_BODY = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}
@@ -252,31 +253,56 @@ async def test_runtime_answering_before_the_body_ends_gets_connection_close_and_
     assert statuses(head) == [413] and b"connection: close" in head.lower()
 
 
-async def test_a_head_sent_again_on_one_connection_is_routed_like_the_first():
-    # The proxy reuses what it read from a request head equal to the one before it on the
-    # connection (ingress/http.py LastHead), and the response head it relayed last when the
-    # runtime sends the same again; a different head in between, or after, is read afresh.
-    body = json.dumps(SUM_BODY).encode()
+def infer_request(model: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST /v2/models/" + model + b"/infer HTTP/1.1\r\nHost: x\r\n" + extra
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
-    def request(model: bytes, extra: bytes = b"") -> bytes:
-        return (b"POST /v2/models/" + model + b"/infer HTTP/1.1\r\nHost: x\r\n" + extra
-                + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-                + body)
 
-    async with runtimes(("r1", ["sum", "identity"])) as rts, proxy(rts) as p:
-        reply = await raw(p.http_port, request(b"sum") + request(b"sum") + request(b"identity")
-                          + request(b"identity") + request(b"sum")
-                          + request(b"sum", b"model: identity\r\n")
-                          + request(b"sum", b"Connection: close\r\n"))
-    answers = []  # framed by each response's own Content-Length, as a client reads them
+def framed(reply: bytes) -> list[tuple[int, bytes, dict]]:
+    """(status, head, JSON body) of each response, framed by its own Content-Length, as a
+    client reads them."""
+    answers = []
     while reply:
         head, _, rest = reply.partition(b"\r\n\r\n")
         length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
-        answers.append((int(head[9:12]), json.loads(rest[:length])))
+        answers.append((int(head[9:12]), head, json.loads(rest[:length])))
         reply = rest[length:]
-    assert [status for status, _ in answers] == [200, 200, 200, 200, 200, 400, 200]
-    assert [a["outputs"][0]["data"] for status, a in answers if status == 200] == [
+    return answers
+
+
+async def test_a_head_sent_again_on_one_connection_is_routed_like_the_first():
+    # The proxy reuses what it read from a request head equal to one it saw on the connection
+    # (ingress/http.py SeenHead), and the response head it relayed last when the runtime sends
+    # the same again; a different head in between, or after, is read afresh.
+    body = json.dumps(SUM_BODY).encode()
+    sent = [(b"sum", b""), (b"sum", b""), (b"identity", b""), (b"identity", b""), (b"sum", b""),
+            (b"sum", b"model: identity\r\n"), (b"sum", b"Connection: close\r\n")]
+    async with runtimes(("r1", ["sum", "identity"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, b"".join(infer_request(m, body, x) for m, x in sent))
+    answers = framed(reply)
+    assert [status for status, _, _ in answers] == [200, 200, 200, 200, 200, 400, 200]
+    assert [a["outputs"][0]["data"] for status, _, a in answers if status == 200] == [
         [6], [6], [1, 2, 3], [1, 2, 3], [6], [6]]
+
+
+async def test_a_client_calling_many_models_on_one_connection_reaches_each_holder():
+    # A connection keeps its last SEEN_HEADS heads by URL: heads sent again reuse what was read
+    # from them; with more models than that, the oldest are forgotten and read afresh. Every
+    # request must still reach a runtime holding its model, whichever way it was read.
+    models = [b"m%d" % i for i in range(SEEN_HEADS + 3)]
+    holder = {m: "r1" if i % 2 else "r2" for i, m in enumerate(models)}
+    order = models[:3] * 3 + models + models[::-1] + models[:SEEN_HEADS] * 2
+    body = json.dumps(SUM_BODY).encode()
+    async with runtimes(("r1", [m.decode() for m in models[1::2]]),
+                        ("r2", [m.decode() for m in models[::2]])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, b"".join(infer_request(m, body) for m in order)
+                          + infer_request(models[0], body, b"Connection: close\r\n"))
+    answers = framed(reply)
+    assert len(answers) == len(order) + 1
+    for model, (status, head, answer) in zip(order + [models[0]], answers):
+        assert status == 200 and answer["model_name"] == model.decode(), (model, head, answer)
+        served = re.search(rb"(?i)\r\nx-meshproxy-upstream: *(\S+)", head).group(1).decode()
+        assert served == holder[model], (model, head)
 
 
 @pytest.mark.parametrize("version, connection", [
