@@ -20,15 +20,16 @@ _USUAL_VALUES = frozenset((b" keep-alive", b" close", b" Keep-Alive", b" Close")
 class RequestHead:
     """What one pass over the request headers found."""
 
-    __slots__ = ("model_value", "kept", "tokens", "xff", "expect", "chunked")
+    __slots__ = ("model_value", "kept", "tokens", "xff", "expect", "chunked", "length")
 
-    def __init__(self, model_value, kept, tokens, xff, expect, chunked):
+    def __init__(self, model_value, kept, tokens, xff, expect, chunked, length):
         self.model_value = model_value  # raw value of the first model header, or None
         self.kept = kept                # [(lower name, name, value)] to forward
         self.tokens = tokens            # header names listed in Connection (dropped upstream)
         self.xff = xff                  # x-forwarded-for so far, or None
         self.expect = expect            # Expect: 100-continue
         self.chunked = chunked          # Transfer-Encoding present (llhttp checked it is chunked)
+        self.length = length            # Content-Length, or -1 when the head has none
 
 
 # What scan() does with a header, by its lower-case name; absent: forward it as it is.
@@ -83,7 +84,7 @@ def scan(headers, kinds: dict[bytes, int], max_body: int) -> RequestHead:
     if content_length > max_body:
         raise BodyTooLarge(
             f"request body of {content_length} bytes is larger than {max_body} bytes")
-    return RequestHead(model_value, kept, tokens, xff, expect, chunked)
+    return RequestHead(model_value, kept, tokens, xff, expect, chunked, content_length)
 
 
 def upstream_head(method: bytes, url: bytes, model: str, target, req: RequestHead,

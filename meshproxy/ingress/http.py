@@ -75,22 +75,48 @@ class SeenHead:
 
     Clients on a keep-alive connection mostly send the same few heads again and again: the
     same path and headers, the same Content-Length for a fixed-shape tensor, one head per
-    model when they call several. A connection keeps its last `SEEN_HEADS` heads by URL; a
-    head equal to one of them (a dict lookup and two compares of bytes) reuses what was read
-    from it and the upstream head built for the same target, instead of reading every header
-    again. A head that differs costs the lookup and the compares and is read as usual.
+    model when they call several. A connection keeps its last `SEEN_HEADS` heads two ways:
+
+    - by URL, for heads llhttp parsed: a head equal to one seen (a dict lookup and two
+      compares) reuses what was read from it and the upstream head built for the same
+      target, instead of reading every header again;
+    - by their bytes (`raw`), for heads that can be read without llhttp: HTTP/1.1, kept
+      alive, framed by Content-Length or without a body, no Expect, no upgrade. The bytes are
+      the head written back canonically (`Name: value` lines), so a later head with exactly
+      these bytes parses to exactly this; `HttpConnection.read_known` takes such requests
+      straight from the read, and counts their bodies by Content-Length.
     """
 
-    __slots__ = ("headers", "method", "req", "model", "version", "target", "upstream_head")
+    __slots__ = ("url", "headers", "method", "req", "model", "version", "target",
+                 "upstream_head", "raw")
 
     def __init__(self, ex: Exchange, req, model, version):
-        self.headers, self.method = ex.headers, ex.method
+        self.url, self.headers, self.method = ex.url, ex.headers, ex.method
         self.req, self.model, self.version = req, model, version
         self.target = None
         self.upstream_head = b""
+        self.raw = None
+
+    def canonical(self) -> bytes | None:
+        """The head's bytes for reading it without llhttp, or None when it must be parsed."""
+        req = self.req
+        if (req.chunked or req.expect or self.method == b"CONNECT" or self.model is None
+                or any(t != b"keep-alive" for t in req.tokens)):
+            return None
+        lines = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.headers:
+            lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
 
 SEEN_HEADS = 8  # per connection: a few KB at most, enough for a client calling several models
+
+
+def _keep(heads: dict, key: bytes, entry: SeenHead) -> None:
+    if len(heads) >= SEEN_HEADS and key not in heads:
+        del heads[next(iter(heads))]  # the oldest
+    heads[key] = entry
 
 
 class HttpConnection(asyncio.Protocol):
@@ -110,6 +136,8 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = ctx.now + ctx.settings.idle_timeout
         self.reading_paused = False
         self.seen: dict[bytes, SeenHead] = {}  # by URL, oldest first
+        self.known: dict[bytes, SeenHead] = {}  # by their canonical bytes (SeenHead.raw)
+        self.body_left = 0  # of a request read without llhttp
 
     # -- asyncio
     def connection_made(self, transport) -> None:
@@ -128,6 +156,11 @@ class HttpConnection(asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.body_left or (self.known and self.cur is None):
+            data = self.read_known(data)
+            if not data:
+                self.flush()
+                return
         self.read_size = len(data)
         try:
             self.parser.feed_data(data)
@@ -145,6 +178,44 @@ class HttpConnection(asyncio.Protocol):
             if self.head_size > self.ctx.settings.max_request_headers_bytes:
                 self.protocol_error(HeadersTooLarge("request headers are too large"))
         self.flush()
+
+    def read_known(self, data: bytes) -> bytes:
+        """Take the requests at the start of `data` whose head is one llhttp read before on this
+        connection (SeenHead.raw), and their bodies by Content-Length; what is left (a head not
+        seen, or part of one) goes to llhttp, which is between messages then."""
+        known = self.known
+        try:
+            while data and not self.closed and self.fatal is None:
+                left = self.body_left
+                if left:
+                    body, data = (data, b"") if len(data) <= left else (data[:left], data[left:])
+                    self.body_left = left = left - len(body)
+                    self.on_body(body)
+                    if left:
+                        return b""
+                    self.on_message_complete()
+                    continue
+                end = data.find(b"\r\n\r\n") + 4
+                seen = known.get(data[:end]) if end > 3 else None
+                if seen is None:
+                    return data
+                self.on_message_begin()
+                ex = self.cur
+                ex.url, ex.headers, ex.method, ex.known = seen.url, seen.headers, seen.method, seen
+                ex.head_done = True
+                if ex is self.queue[0]:
+                    self.start(ex)
+                else:
+                    self.pause_client()  # pipelined: held until the ones before are answered
+                data = data[end:]
+                self.body_left = seen.req.length if seen.req.length > 0 else 0
+                if not self.body_left:
+                    self.on_message_complete()
+        except ProxyError as err:
+            if not self.closed and self.fatal is None:
+                self.protocol_error(err)
+            return b""
+        return data
 
     def _upgrade_ignored(self, rest: bytes) -> None:
         # llhttp stops after a request asking to upgrade (h2c, websocket). The
@@ -257,17 +328,17 @@ class HttpConnection(asyncio.Protocol):
     def route(self, ex: Exchange) -> None:
         ctx = self.ctx
         settings = ctx.settings
-        seen = self.seen.get(ex.url)
-        if seen is not None and seen.headers == ex.headers and seen.method == ex.method:
-            req, model, version = seen.req, seen.model, seen.version  # a head seen before
-        else:
-            req = headers.scan(ex.headers, ctx.header_kinds, settings.max_request_body_bytes)
-            model, version = model_name.resolve(req.model_value, ex.url)
-            seen = self.remember(ex, req, model, version)
-        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 request lines; all but 1.1 keep the connection
-        # open only when it says keep-alive, so a kept-alive one without Connection is 1.1.
-        if (not ex.keep_alive or req.tokens) and self.parser.get_http_version() != "1.1":
-            raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
+        seen = ex.known
+        if seen is None:  # parsed by llhttp
+            seen = self.seen.get(ex.url)
+            if seen is None or seen.headers != ex.headers or seen.method != ex.method:
+                seen = self.remember(ex)
+            # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 request lines; all but 1.1 keep the
+            # connection open only when it says keep-alive, so a kept-alive one without
+            # Connection is 1.1. (A known head's bytes say HTTP/1.1.)
+            if (not ex.keep_alive or seen.req.tokens) and self.parser.get_http_version() != "1.1":
+                raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
+        req, model, version = seen.req, seen.model, seen.version
         ex.chunked = req.chunked
         if model is None:
             self.answer_local(ex)
@@ -306,11 +377,17 @@ class HttpConnection(asyncio.Protocol):
         if req.expect and not ex.request_done:
             self.transport.write(_CONTINUE)
 
-    def remember(self, ex: Exchange, req, model, version) -> SeenHead:
-        seen = self.seen
-        if len(seen) >= SEEN_HEADS and ex.url not in seen:
-            del seen[next(iter(seen))]  # the oldest
-        entry = seen[ex.url] = SeenHead(ex, req, model, version)
+    def remember(self, ex: Exchange) -> SeenHead:
+        """Read a head llhttp parsed, and keep what was read (SeenHead)."""
+        settings = self.ctx.settings
+        req = headers.scan(ex.headers, self.ctx.header_kinds, settings.max_request_body_bytes)
+        model, version = model_name.resolve(req.model_value, ex.url)
+        entry = SeenHead(ex, req, model, version)
+        _keep(self.seen, ex.url, entry)
+        if ex.keep_alive:
+            raw = entry.raw = entry.canonical()
+            if raw is not None:
+                _keep(self.known, raw, entry)
         return entry
 
     def pick(self, ex: Exchange, balancer, model: str, target):

@@ -31,7 +31,7 @@ class Exchange:
                  "routed", "target", "balancer", "key", "replay", "replay_size", "tries",
                  "in_try", "swallow", "retrying", "deadline", "try_deadline", "mirror",
                  "t_try", "t_sent", "overhead", "bytes_out", "span", "try_span", "base_head",
-                 "retry_reason")
+                 "retry_reason", "known")
 
     def __init__(self, conn):
         self.conn = conn  # ingress.http.HttpConnection
@@ -48,7 +48,9 @@ class Exchange:
         self.outbox: list[bytes] = []
         self.outbox_size = self.replay_size = self.status = self.body_bytes = self.tries = 0
         self.deadline = self.try_deadline = NEVER
-        self.mirror = self.span = self.try_span = self.base_head = self.retry_reason = None
+        # known: the ingress SeenHead when the head was read without llhttp
+        self.mirror = self.span = self.try_span = self.base_head = self.retry_reason = \
+            self.known = None
         self.t0 = time.perf_counter()
         self.t_try = self.t_sent = self.overhead = 0.0
         self.bytes_out = 0
