@@ -3,12 +3,16 @@
 An UpstreamConnection carries one exchange at a time. It parses the response
 with llhttp only to learn the status and where the message ends; the bytes are
 passed to the exchange as they came (head, then raw body pieces), so the body
-is never re-framed or copied into Python objects.
+is never re-framed or copied into Python objects. A runtime mostly sends the
+same head again (its Date changes once a second): a 200 head framed by
+Content-Length is kept, and a response starting with exactly those bytes is
+taken without llhttp, its body counted by that length.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Protocol
 
 import httptools
@@ -16,6 +20,7 @@ import httptools
 from meshproxy.errors import ProxyError, UpstreamFailure, UpstreamTimeout
 
 MAX_RESPONSE_HEAD = 64 * 1024
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
 
 
 class ResponseSink(Protocol):
@@ -32,7 +37,7 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
                  "_in_head", "_done", "_until_close", "_keep_alive", "_no_body", "last_head",
-                 "last_kept")
+                 "last_kept", "known_head", "known_length", "_body_left")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
@@ -41,6 +46,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         # The last response head relayed and what of it went to the client (ingress/http.py).
         self.last_head = self.last_kept = b""
+        # A 200 head framed by Content-Length, read by llhttp before, and that length.
+        self.known_head = b""
+        self.known_length = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -50,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = True
         self._done = self._until_close = self._no_body = False
         self._keep_alive = True
+        self._body_left = 0  # of a response whose head was known
 
     # -- used by the exchange
     def start(self, sink: ResponseSink, data: bytes, no_body: bool = False) -> None:
@@ -89,6 +98,20 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:  # bytes from an idle connection: it cannot be trusted any more
             self.transport.abort()
             return
+        if self._body_left:
+            self._known_body(sink, data)
+            return
+        known = self.known_head
+        if (known and self._in_head and not self._head and not self._no_body
+                and data.startswith(known)):  # llhttp is between messages: no bytes of this one
+            size = len(data) - len(known)
+            if size <= self.known_length:
+                self._in_head = False
+                self._body_left = self.known_length - size
+                sink.response_head(known, 200, False, data[len(known):] if size else b"")
+                if not self._body_left and self.sink is sink:
+                    self._complete(self._keep_alive)
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -116,11 +139,43 @@ class UpstreamConnection(asyncio.Protocol):
             # A message llhttp already saw end was framed; only one still open may run to EOF.
             self._until_close = (not self._done and not self._no_body
                                  and status not in (204, 304) and _no_framing(head))
+            if self._done and rest and not self._no_body:
+                rest = self._within_length(head, rest)
+            if status == 200 and head != self.known_head:
+                self._learn(head)
             sink.response_head(head, status, self._until_close, rest)
             return
         self._head = buf
         if len(buf) > MAX_RESPONSE_HEAD:
             self._fail(UpstreamFailure(f"runtime {self.pool.name} sent a response head over 64 KiB"))
+
+    def _within_length(self, head: bytes, rest: bytes) -> bytes:
+        """The body of a response that ended in this read, without any bytes after its
+        Content-Length: those are not the client's, and the connection is not used again."""
+        lengths = _CONTENT_LENGTH.findall(head)
+        if len(lengths) == 1 and len(rest) > int(lengths[0]):
+            self._keep_alive = False
+            return rest[:int(lengths[0])]
+        return rest
+
+    def _learn(self, head: bytes) -> None:
+        """Keep a 200 head llhttp read, if later ones equal to it can be framed by its length."""
+        lengths = _CONTENT_LENGTH.findall(head)
+        if (self._keep_alive and not self._no_body and not self._until_close and len(lengths) == 1
+                and b"transfer-encoding" not in head.lower()):
+            self.known_head, self.known_length = head, int(lengths[0])
+        else:
+            self.known_head = b""
+
+    def _known_body(self, sink: ResponseSink, data: bytes) -> None:
+        left = self._body_left
+        if len(data) > left:  # more than the length said: the rest cannot be trusted
+            self._keep_alive = False
+            data = data[:left]
+        self._body_left = left - len(data)
+        sink.response_body(data)
+        if not self._body_left and self.sink is sink:
+            self._complete(self._keep_alive)
 
     def _complete(self, reusable: bool) -> None:
         sink, self.sink = self.sink, None

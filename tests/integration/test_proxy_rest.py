@@ -375,3 +375,67 @@ async def test_heads_seen_before_are_framed_by_content_length_across_reads_and_p
         (len(s), hashlib.sha256(s).hexdigest()) for s in sent]
     assert [a["path"] for _, _, a in answers] == ["/v2/models/m/infer"] * 4 + [
         "/v2/models/m/ready"] * 2 + ["/v2/models/m/infer"] * 2
+
+
+async def test_response_heads_seen_before_are_framed_by_content_length_across_reads():
+    # A 200 head framed by Content-Length that llhttp read once on an upstream connection is
+    # taken straight from later responses, the body counted by that length (http_pool.py
+    # known_head). The client must get each body whole: split across the runtime's writes, or
+    # followed by bytes the length does not cover, which are dropped with the connection.
+    go = asyncio.Event()
+    connections = []
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 26\r\n\r\n"
+
+    async def runtime(reader, writer):
+        connections.append(writer)
+        while True:
+            try:
+                request = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", request).group(1))
+            await reader.readexactly(length)
+            case = re.search(rb"case=(\w+)", request).group(1)
+            body = b'{"case": "%-14s"}' % case
+            if case == b"split":
+                writer.write(head + body[:10])
+                await writer.drain()
+                await go.wait()
+                writer.write(body[10:])
+            elif case == b"extra":
+                writer.write(head + body + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+            elif case == b"other":
+                writer.write(head.replace(b"\r\n\r\n", b"\r\nx-other: 1\r\n\r\n") + body)
+            else:
+                writer.write(head + body)
+            await writer.drain()
+
+    server = await asyncio.start_server(runtime, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
+            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
+            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
+    app = ProxyApp(load_text(text))
+    await app.start()
+    answers = []
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        async with asyncio.timeout(10):
+            for case in [b"plain", b"plain", b"split", b"plain", b"extra", b"plain", b"other",
+                         b"plain"]:
+                writer.write(b"POST /v2/models/m/infer?case=" + case + b" HTTP/1.1\r\nHost: x"
+                             b"\r\nContent-Length: 2\r\n\r\n{}")
+                got = await reader.readuntil(b"\r\n\r\n")
+                if case == b"split":
+                    got += await reader.readexactly(10)  # the first part, before the rest
+                    go.set()
+                length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", got).group(1))
+                got += await reader.readexactly(length - len(got.partition(b"\r\n\r\n")[2]))
+                answers.append((statuses(got), json.loads(got.partition(b"\r\n\r\n")[2])))
+        writer.close()
+    finally:
+        await app.stop()
+        server.close()
+    assert answers == [([200], {"case": c.ljust(14)}) for c in
+                       ["plain", "plain", "split", "plain", "extra", "plain", "other", "plain"]]
+    assert len(connections) == 2  # a new one after the bytes the length did not cover
