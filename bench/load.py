@@ -102,6 +102,7 @@ class K6Result:
     checks_rate: float
     dropped: int
     forwarded_rate: float | None = None  # k6_models.js: share of answers that took an extra hop
+    total: int = 0  # requests sent, warm-up included (what a process's CPU time over the run served)
 
     def problems(self) -> list[str]:
         out = []
@@ -123,7 +124,8 @@ def parse_k6_summary(data: dict) -> K6Result:
                     failed_rate=metrics["http_req_failed{phase:measure}"]["values"]["rate"],
                     checks_rate=metrics["checks{phase:measure}"]["values"]["rate"],
                     dropped=int(dropped),
-                    forwarded_rate=metrics.get("forwarded{phase:measure}", {}).get("values", {}).get("rate"))
+                    forwarded_rate=metrics.get("forwarded{phase:measure}", {}).get("values", {}).get("rate"),
+                    total=int(metrics.get("http_reqs", {}).get("values", {}).get("count", 0)))
 
 
 def run_k6(url: str, body_path: Path, work: Path, name: str, rate: int, warmup_s: int, seconds: int,

@@ -8,7 +8,12 @@ runtime), and marks the answer `X-Bench-Forwarded: 1`. It runs three ways:
 - `service`: the client spreads requests over the runtimes itself (a Service VIP, no proxy);
 - `nginx-front`, `envoy-front`: a model-unaware ingress (nginx, or Envoy as in an Istio
   ingress gateway) spreads them at random: the same number of proxies in front as meshproxy;
-- `meshproxy`: every request goes to meshproxy, which sends it straight to the holder.
+- `meshproxy`: every request goes to meshproxy, which sends it straight to the holder;
+- `modelmesh` (not the issue's baseline, shown beside it): the shape of KServe ModelMesh
+  itself, where every request enters the receiving pod's mesh container, which hands it to its
+  own runtime or forwards it to the holder pod's mesh container, which hands it to its runtime
+  (mesh containers played by one more nginx per pod, so every request takes one hop more than
+  in `service`).
 
 Each runtime is its own nginx process (own config dir, one worker), as runtimes are separate
 pods: a `location` per own model answers like the bench upstream, a `location` per other model
@@ -26,6 +31,7 @@ CPU is not in it.
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -58,6 +64,21 @@ _FORWARD = """\
         }}"""
 
 
+_MESH_LOCAL = """\
+        location /v2/models/{model}/ {{
+            proxy_pass http://own_runtime;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}"""
+
+_MESH_REMOTE = """\
+        location /v2/models/{model}/ {{
+            proxy_pass http://mesh{holder};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            add_header X-Bench-Forwarded 1 always;
+        }}"""
+
 _NGINX_FRONT = """\
     upstream any_runtime {{
         random;
@@ -75,17 +96,34 @@ _NGINX_FRONT = """\
     }}"""
 
 
+def _upstream(name: str, port: int) -> str:
+    return (f"    upstream {name} {{\n        server 127.0.0.1:{port};\n        keepalive 16;\n"
+            f"        keepalive_requests 1000000;\n    }}")
+
+
 def runtime_http(i: int, ports: list[int]) -> str:
     """The http block of runtime `i`: a warm keep-alive upstream per other runtime, and one
     server answering its own models and forwarding the others once to their holder."""
-    blocks = [f"    upstream runtime{j} {{\n        server 127.0.0.1:{p};\n        keepalive 16;\n"
-              f"        keepalive_requests 1000000;\n    }}" for j, p in enumerate(ports) if j != i]
+    blocks = [_upstream(f"runtime{j}", p) for j, p in enumerate(ports) if j != i]
     locations = []
     for j in range(RUNTIMES):
         for model in models_of(j):
             locations.append(_HOLDER.format(model=model, response=UPSTREAM_RESPONSE) if i == j
                              else _FORWARD.format(model=model, holder=j))
     blocks.append(f"    server {{\n        listen 127.0.0.1:{ports[i]} backlog=4096;\n"
+                  + "\n".join(locations) + "\n    }")
+    return "\n".join(blocks)
+
+
+def mesh_http(i: int, mesh_ports: list[int], ports: list[int]) -> str:
+    """The http block of pod `i`'s mesh container: its own models go to its runtime, the others
+    to the holder pod's mesh container (which hands them to its runtime)."""
+    blocks = [_upstream("own_runtime", ports[i])]
+    blocks += [_upstream(f"mesh{j}", p) for j, p in enumerate(mesh_ports) if j != i]
+    locations = [_MESH_LOCAL.format(model=model) if i == j
+                 else _MESH_REMOTE.format(model=model, holder=j)
+                 for j in range(RUNTIMES) for model in models_of(j)]
+    blocks.append(f"    server {{\n        listen 127.0.0.1:{mesh_ports[i]} backlog=4096;\n"
                   + "\n".join(locations) + "\n    }")
     return "\n".join(blocks)
 
@@ -101,18 +139,36 @@ def meshproxy_yaml(port: int, admin: int, ports: list[int]) -> str:
 
 def start_runtimes(work: Path, cpu: int | None) -> tuple[list[Proc], list[int]]:
     """One nginx process per runtime (`runtime0`..), all pinned to `cpu`, each ready when it
-    answers one of its own models; if one fails, those already started are stopped."""
+    answers one of its own models."""
     ports = [free_port() for _ in range(RUNTIMES)]
+    return _start_each([(f"runtime{i}", runtime_http(i, ports), ports[i])
+                        for i in range(RUNTIMES)], work, cpu), ports
+
+
+def _start_each(specs: list[tuple[str, str, int]], work: Path, cpu: int | None) -> list[Proc]:
+    """An nginx per (name, http block, port), pinned to `cpu`, each ready when it answers the
+    first model of its pod; if one fails, those already started are stopped."""
     procs: list[Proc] = []
     try:
-        for i in range(RUNTIMES):
-            proc = _start_nginx(f"runtime{i}", work, runtime_http(i, ports), cpu)
-            procs.append(proc)
-            _ready_on(proc, f"http://127.0.0.1:{ports[i]}/v2/models/{models_of(i)[0]}/infer")
+        for i, (name, http, port) in enumerate(specs):
+            procs.append(_start_nginx(name, work, http, cpu))
+            _ready_on(procs[-1], f"http://127.0.0.1:{port}/v2/models/{models_of(i)[0]}/infer")
     except BaseException:
         stop_all(procs)
         raise
-    return procs, ports
+    return procs
+
+
+class Group:
+    """Processes started and stopped together, measured by nobody (no front CPU)."""
+
+    pid = None
+
+    def __init__(self, procs: list[Proc]):
+        self.procs = procs
+
+    def stop(self) -> None:
+        stop_all(self.procs)
 
 
 def stop_all(procs: list[Proc]) -> None:
@@ -166,8 +222,17 @@ def start_meshproxy(env: Env, ports: list[int]) -> tuple[Proc, list[str]]:
     return proc, [f"http://127.0.0.1:{port}"]
 
 
+def start_modelmesh(env: Env, ports: list[int]) -> tuple[Group, list[str]]:
+    """One mesh-container nginx per pod, in front of that pod's runtime."""
+    mesh = [free_port() for _ in ports]
+    return Group(_start_each([(f"mesh{i}", mesh_http(i, mesh, ports), mesh[i])
+                              for i in range(len(ports))], env.work, env.proxy_cpu)), \
+        [f"http://127.0.0.1:{p}" for p in mesh]
+
+
 SCENARIOS = {"service": start_service, "nginx-front": start_nginx_front,
-             "envoy-front": start_envoy_front, "meshproxy": start_meshproxy}
+             "envoy-front": start_envoy_front, "meshproxy": start_meshproxy,
+             "modelmesh": start_modelmesh}
 
 
 def check(urls: list[str], body: bytes) -> None:
@@ -180,32 +245,65 @@ def check(urls: list[str], body: bytes) -> None:
 
 
 def run(env: Env, body: bytes, body_path: Path, rates: list[tuple[int, int, int, int]],
-        load_cpu: int, meter_cpu: int, names=tuple(SCENARIOS)) -> dict[str, dict]:
+        load_cpu: int, meter_cpu: int, names=tuple(SCENARIOS), rounds: int = 3) -> dict[str, dict]:
     """{scenario: {rate: k6 figures + forwarded share} or {"failed": why}} for each (rate, VUs,
-    warm-up s, measured s). k6 runs on `load_cpu`; the runtimes and each front on `meter_cpu`."""
+    warm-up s, measured s). k6 runs on `load_cpu`; the runtimes and each front on `meter_cpu`.
+
+    The measured seconds are split over `rounds` rounds, and each round runs every scenario in
+    turn (each front started afresh), so a stretch of slow machine falls on all of them rather
+    than on whichever ran then; the figures are the medians over the rounds (max: the largest).
+    """
     try:
         runtimes, ports = start_runtimes(env.work, meter_cpu)
     except Exception as e:  # noqa: BLE001 - recorded, so the rest of the report is written
         return {name: {"failed": f"runtimes: {type(e).__name__}: {e}"} for name in names}
-    out: dict[str, dict] = {}
+    per_round = [(rate, vus, warmup, max(1, round(seconds / rounds)))
+                 for rate, vus, warmup, seconds in rates]
+    runs: dict[str, list] = {name: [] for name in names}
+    failed: dict[str, str] = {}
     try:
-        for name in names:
-            print(f"[model-aware] {name}", file=sys.stderr, flush=True)
-            try:
-                proc, urls = SCENARIOS[name](env, ports)
-            except Exception as e:  # noqa: BLE001 - one front failing must not stop the others
-                out[name] = {"failed": f"{type(e).__name__}: {e}"}
-                continue
-            try:
-                out[name] = _drive(name, proc, urls, env, body, body_path, rates, load_cpu,
-                                   meter_cpu)
-            except Exception as e:  # noqa: BLE001
-                out[name] = {"failed": f"{type(e).__name__}: {e}"}
-            finally:
-                if proc is not None:
-                    proc.stop()
+        for r in range(rounds):
+            for name in names:
+                if name in failed:
+                    continue
+                print(f"[model-aware] {name} (round {r + 1} of {rounds})", file=sys.stderr,
+                      flush=True)
+                try:
+                    proc, urls = SCENARIOS[name](env, ports)
+                except Exception as e:  # noqa: BLE001 - one front failing must not stop the others
+                    failed[name] = f"{type(e).__name__}: {e}"
+                    continue
+                try:
+                    runs[name].append(_drive(name, proc, urls, env, body, body_path, per_round,
+                                             load_cpu, meter_cpu))
+                except Exception as e:  # noqa: BLE001
+                    failed[name] = f"{type(e).__name__}: {e}"
+                finally:
+                    if proc is not None:
+                        proc.stop()
     finally:
         stop_all(runtimes)
+    return {name: {"failed": failed[name]} if name in failed else
+            {rate: merge([run[rate] for run in runs[name]]) for rate, *_ in rates}
+            for name in names}
+
+
+def merge(runs: list[dict]) -> dict:
+    """One figure set from the rounds' runs: percentiles by median, max by max, counts summed,
+    the forwarded share weighted by count; each round's p50 and p99 kept for the record."""
+    out = {k: statistics.median(run[k] for run in runs) for k in runs[0]
+           if k.startswith("p") and k[1:].isdigit() or k in ("avg", "min", "med")}
+    out["max"] = max(run["max"] for run in runs)
+    count = sum(run["count"] for run in runs)
+    out.update(count=count, total=sum(run.get("total", 0) for run in runs),
+               dropped=sum(run["dropped"] for run in runs),
+               failed_rate=max(run["failed_rate"] for run in runs),
+               proxy_cpu_s=sum(run["proxy_cpu_s"] for run in runs),
+               problems=sorted({p for run in runs for p in run["problems"]}),
+               rounds=[{"p50": run["p50"], "p99": run["p99"]} for run in runs])
+    shares = [(run["forwarded_share"], run["count"]) for run in runs]
+    out["forwarded_share"] = (None if any(s is None for s, _ in shares) or not count
+                              else sum(s * n for s, n in shares) / count)
     return out
 
 
@@ -218,7 +316,7 @@ def _drive(name, proc, urls, env, body, body_path, rates, load_cpu, meter_cpu) -
                          seconds, load_cpu, vus=vus, script=load.K6_MODELS_SCRIPT,
                          BENCH_URLS=",".join(urls), BENCH_MODELS=",".join(ALL_MODELS))
         used = meter.stop()
-        runs[rate] = {**k6.us, "count": k6.count, "failed_rate": k6.failed_rate,
+        runs[rate] = {**k6.us, "count": k6.count, "total": k6.total, "failed_rate": k6.failed_rate,
                       "dropped": k6.dropped, "forwarded_share": k6.forwarded_rate,
                       "problems": k6.problems(), "proxy_cpu_s": used["cpu_s"]}
     return runs

@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 # (throughput s, wrk warm-up s, rounds, latency s, k6 warm-up s,
 #  600 KB and workers: throughput s and rounds, other latency runs s, model-aware s)
 PROFILES = {"default": (6, 2, 5, 20, 2, 6, 2, 10, 30), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
+MODEL_ROUNDS = 3  # the model-aware runs: their seconds split into interleaved rounds
 
 
 class InvalidPath(Exception):
@@ -97,7 +98,7 @@ def settings_of(args: argparse.Namespace) -> dict:
             "extra_duration_s": args.extra_duration, "extra_rounds": args.extra_rounds,
             "extra_latency_duration_s": args.extra_latency_duration,
             "model_duration_s": args.model_duration, "workers": not args.no_workers,
-            "model_aware": not args.no_model_aware}
+            "model_aware": not args.no_model_aware, "model_rounds": MODEL_ROUNDS}
 
 
 @contextmanager
@@ -229,7 +230,7 @@ def measure(args, work: Path, body: bytes, body_path: Path, big_path: Path | Non
             if args.fast_rate:
                 rates.append((args.fast_rate, args.fast_vus, 1, args.extra_latency_duration))
             res.models = model_aware.run(env, body, body_path, rates, args.load_cpu,
-                                         args.proxy_cpu)
+                                         args.proxy_cpu, rounds=MODEL_ROUNDS)
     finally:
         upstream.stop()
     for group in (res.main, res.big, res.fast):

@@ -84,31 +84,42 @@ def workers(group: dict[str, PathResult], settings: dict) -> list[str]:
 def models(results: dict, settings: dict) -> list[str]:
     if not results:
         return []
+    rounds = settings.get("model_rounds", 1)
     lines = ["", "## Model-aware routing: 4 runtimes, 2 models each", "",
              "Each request names one of 8 models at random. `service`: sent to a runtime drawn at "
              "random, which forwards it once to the holder when it lacks the model (a real "
              "nginx proxy hop to another process); `nginx-front`, `envoy-front`: the same behind "
              "a model-unaware ingress that spreads requests at random; `meshproxy`: sent to "
-             "meshproxy, which routes it to the holder. Each runtime is its own nginx process "
+             "meshproxy, which routes it to the holder; `modelmesh` (the shape of ModelMesh "
+             "itself, beside the issue's `service` baseline, not instead of it): every request "
+             "enters the receiving pod's mesh container (one more nginx per pod), which hands "
+             "it to its own runtime or forwards it to the holder pod's mesh container, so each "
+             "request takes one hop more than in `service`. Each runtime is its own nginx process "
              f"(like a pod). k6 alone on cpu {settings['load_cpu']}; the 4 runtimes and the front "
              f"under test all on cpu {settings['proxy_cpu']}, so every path crosses cores the "
              "same way (client -> serving side -> client) and every hop behind it stays on one "
-             "core. Front CPU is the front's own process only. "
+             "core. Front CPU is the front's own process only, over every request it served (warm-up "
+             "included). "
              f"{settings['model_duration_s']} s at {settings['rate']} req/s (1 VU), "
              f"{settings['extra_latency_duration_s']} s at {settings['fast_rate']:,} req/s "
-             f"({settings['fast_vus']} VUs). See bench/model_aware.py.", ""]
+             f"({settings['fast_vus']} VUs), each split into {rounds} rounds that run every path "
+             "in turn (each front started afresh), so a slow stretch of the machine falls on "
+             "all paths; percentiles are the medians over the rounds (max: the largest), and "
+             "`p50 / p99 by round` lists each round's. See bench/model_aware.py.", ""]
     header = ["path", "req/s", "p50 us", "p90 us", "p99 us", "max us", "extra hop", "dropped",
-              "front CPU us/req"]
+              "front CPU us/req", "p50 / p99 by round"]
     rows, bad = [], []
     for name, by_rate in results.items():
         if "failed" in by_rate:
             bad.append(f"- **{name} failed**: {by_rate['failed'].splitlines()[0]}")
             continue
         for rate, run in by_rate.items():
-            cpu = run["proxy_cpu_s"] / run["count"] * 1e6 if run["count"] and run["proxy_cpu_s"] else None
+            served = run.get("total") or run["count"]  # the CPU time covers the warm-up too
+            cpu = run["proxy_cpu_s"] / served * 1e6 if served and run["proxy_cpu_s"] else None
             share = run["forwarded_share"]
             rows.append([name, f"{int(rate):,}", *(_num(run.get(k)) for k in ("p50", "p90", "p99", "max")),
                          "-" if share is None else f"{share:.0%}", _num(run["dropped"]),
-                         _num(cpu, 1)])
+                         _num(cpu, 1), ", ".join(f"{_num(x['p50'])} / {_num(x['p99'])}"
+                                                 for x in run.get("rounds", []))])
             bad += [f"- **{name} at {rate}/s invalid**: {p}" for p in run["problems"]]
     return lines + _table(header, rows) + (["", *bad] if bad else [])

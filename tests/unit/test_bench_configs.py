@@ -1,6 +1,8 @@
 """bench/: the meshproxy configs it writes pass the proxy's own validation; each model-aware
 runtime (its own nginx) has one answering location per own model, a forward per other one, and
-an upstream per other runtime; request bodies have the advertised sizes."""
+an upstream per other runtime; each ModelMesh-shaped mesh container hands its own models to its
+runtime and forwards the others to the holder's mesh container; rounds merge into medians;
+request bodies have the advertised sizes."""
 
 import re
 import sys
@@ -52,6 +54,43 @@ def test_each_runtime_answers_its_own_models_and_forwards_the_others_once(bench)
                 holder = model_aware.ALL_MODELS.index(model) // model_aware.MODELS_PER_RUNTIME
                 assert f"proxy_pass http://runtime{holder};" in block
                 assert "X-Bench-Forwarded 1" in block
+
+
+def test_each_mesh_container_hands_its_models_to_its_runtime_and_forwards_the_rest(bench):
+    _, model_aware, _ = bench
+    ports, mesh = [11, 12, 13, 14], [21, 22, 23, 24]
+    for i in range(model_aware.RUNTIMES):
+        http = model_aware.mesh_http(i, mesh, ports)
+        server = http.split("    server {")[1]
+        assert f"listen 127.0.0.1:{mesh[i]} " in server
+        upstreams = dict(re.findall(r"upstream (\w+) \{\s*server 127\.0\.0\.1:(\d+);", http))
+        assert upstreams == {"own_runtime": str(ports[i]),
+                             **{f"mesh{j}": str(p) for j, p in enumerate(mesh) if j != i}}
+        for model in model_aware.ALL_MODELS:
+            block = re.search(r"location /v2/models/%s/ \{(.*?)\}" % model, server, re.S)[1]
+            holder = model_aware.ALL_MODELS.index(model) // model_aware.MODELS_PER_RUNTIME
+            if holder == i:
+                assert "proxy_pass http://own_runtime;" in block and "Forwarded" not in block
+            else:
+                assert f"proxy_pass http://mesh{holder};" in block
+                assert "X-Bench-Forwarded 1" in block
+
+
+def test_rounds_merge_into_medians_the_largest_max_and_summed_counts(bench):
+    _, model_aware, _ = bench
+
+    def run(p50, p99, mx, count, share):
+        return {"p50": p50, "p90": p50 * 2, "p99": p99, "max": mx, "min": 1, "avg": p50,
+                "count": count, "dropped": 1, "failed_rate": 0.0, "forwarded_share": share,
+                "problems": [], "proxy_cpu_s": 0.5}
+
+    out = model_aware.merge([run(100, 300, 900, 1000, 0.7), run(80, 500, 2000, 1000, 0.8),
+                             run(120, 350, 700, 2000, 0.75)])
+    assert (out["p50"], out["p90"], out["p99"], out["max"]) == (100, 200, 350, 2000)
+    assert (out["count"], out["dropped"], out["proxy_cpu_s"]) == (4000, 3, 1.5)
+    assert out["forwarded_share"] == pytest.approx(0.75)
+    assert out["rounds"] == [{"p50": 100, "p99": 300}, {"p50": 80, "p99": 500},
+                             {"p50": 120, "p99": 350}]
 
 
 def test_bodies_have_the_advertised_sizes(bench):
