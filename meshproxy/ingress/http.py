@@ -88,7 +88,7 @@ class SeenHead:
     """
 
     __slots__ = ("url", "headers", "method", "req", "model", "version", "target",
-                 "upstream_head", "raw")
+                 "upstream_head", "raw", "length")
 
     def __init__(self, ex: Exchange, req, model, version):
         self.url, self.headers, self.method = ex.url, ex.headers, ex.method
@@ -96,6 +96,7 @@ class SeenHead:
         self.target = None
         self.upstream_head = b""
         self.raw = None
+        self.length = max(req.length, 0)  # of the body, when read without llhttp
 
     def canonical(self) -> bytes | None:
         """The head's bytes for reading it without llhttp, or None when it must be parsed."""
@@ -186,31 +187,33 @@ class HttpConnection(asyncio.Protocol):
         known = self.known
         try:
             while data and not self.closed and self.fatal is None:
-                left = self.body_left
-                if left:
-                    body, data = (data, b"") if len(data) <= left else (data[:left], data[left:])
-                    self.body_left = left = left - len(body)
-                    self.on_body(body)
-                    if left:
-                        return b""
-                    self.on_message_complete()
-                    continue
-                end = data.find(b"\r\n\r\n") + 4
-                seen = known.get(data[:end]) if end > 3 else None
-                if seen is None:
-                    return data
-                self.on_message_begin()
-                ex = self.cur
-                ex.url, ex.headers, ex.method, ex.known = seen.url, seen.headers, seen.method, seen
-                ex.head_done = True
-                if ex is self.queue[0]:
-                    self.start(ex)
-                else:
-                    self.pause_client()  # pipelined: held until the ones before are answered
-                data = data[end:]
-                self.body_left = seen.req.length if seen.req.length > 0 else 0
                 if not self.body_left:
-                    self.on_message_complete()
+                    end = data.find(b"\r\n\r\n") + 4
+                    seen = known.get(data[:end]) if end > 3 else None
+                    if seen is None:
+                        return data
+                    self.on_message_begin()
+                    ex = self.cur
+                    ex.url, ex.headers, ex.method, ex.known = seen.url, seen.headers, seen.method, seen
+                    ex.head_done = True
+                    if ex is self.queue[0]:
+                        self.start(ex)
+                    else:
+                        self.pause_client()  # pipelined: held until the ones before are answered
+                    self.body_left = seen.length
+                    data = data[end:] if end < len(data) else b""
+                    if not self.body_left:
+                        self.on_message_complete()
+                        continue
+                    if not data:
+                        return b""
+                left = self.body_left
+                body, data = (data, b"") if len(data) <= left else (data[:left], data[left:])
+                self.body_left = left = left - len(body)
+                self.on_body(body)
+                if left:
+                    return b""
+                self.on_message_complete()
         except ProxyError as err:
             if not self.closed and self.fatal is None:
                 self.protocol_error(err)
