@@ -198,6 +198,8 @@ class HttpConnection(asyncio.Protocol):
                     ex.head_done = True
                     if ex is self.queue[0]:
                         self.start(ex)
+                        if self.closed:
+                            return b""
                     else:
                         self.pause_client()  # pipelined: held until the ones before are answered
                     self.body_left = seen.length

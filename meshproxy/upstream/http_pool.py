@@ -139,8 +139,8 @@ class UpstreamConnection(asyncio.Protocol):
             # A message llhttp already saw end was framed; only one still open may run to EOF.
             self._until_close = (not self._done and not self._no_body
                                  and status not in (204, 304) and _no_framing(head))
-            if self._done and rest and not self._no_body:
-                rest = self._within_length(head, rest)
+            if self._done and rest:
+                rest = self._within_length(head, status, rest)
             if status == 200 and head != self.known_head:
                 self._learn(head)
             sink.response_head(head, status, self._until_close, rest)
@@ -149,21 +149,21 @@ class UpstreamConnection(asyncio.Protocol):
         if len(buf) > MAX_RESPONSE_HEAD:
             self._fail(UpstreamFailure(f"runtime {self.pool.name} sent a response head over 64 KiB"))
 
-    def _within_length(self, head: bytes, rest: bytes) -> bytes:
-        """The body of a response that ended in this read, without any bytes after its
-        Content-Length: those are not the client's, and the connection is not used again."""
-        lengths = _CONTENT_LENGTH.findall(head)
-        if len(lengths) == 1 and len(rest) > int(lengths[0]):
+    def _within_length(self, head: bytes, status: int, rest: bytes) -> bytes:
+        """The body of a response that ended in this read, without any bytes after it: those
+        are not the client's, and the connection is not used again."""
+        length = 0 if self._no_body or status in (204, 304) else _content_length(head)
+        if length is not None and len(rest) > length:
             self._keep_alive = False
-            return rest[:int(lengths[0])]
+            return rest[:length]
         return rest
 
     def _learn(self, head: bytes) -> None:
         """Keep a 200 head llhttp read, if later ones equal to it can be framed by its length."""
-        lengths = _CONTENT_LENGTH.findall(head)
-        if (self._keep_alive and not self._no_body and not self._until_close and len(lengths) == 1
-                and b"transfer-encoding" not in head.lower()):
-            self.known_head, self.known_length = head, int(lengths[0])
+        length = _content_length(head)
+        if (length is not None and self._keep_alive and not self._no_body
+                and not self._until_close):
+            self.known_head, self.known_length = head, length
         else:
             self.known_head = b""
 
@@ -214,6 +214,14 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.sink is not None:
             self.sink.upstream_paused(False)
+
+
+def _content_length(head: bytes) -> int | None:
+    """The body length a response head gives, when one Content-Length frames it alone."""
+    lengths = _CONTENT_LENGTH.findall(head)
+    if len(lengths) != 1 or b"transfer-encoding" in head.lower():
+        return None
+    return int(lengths[0])
 
 
 def _no_framing(head: bytes) -> bool:
