@@ -9,6 +9,9 @@ runtime), and marks the answer `X-Bench-Forwarded: 1`. It runs three ways:
 - `nginx-front`, `envoy-front`: a model-unaware ingress (nginx, or Envoy as in an Istio
   ingress gateway) spreads them at random: the same number of proxies in front as meshproxy;
 - `meshproxy`: every request goes to meshproxy, which sends it straight to the holder;
+- `nginx-routed`: nginx doing meshproxy's job (a `location` per model, to its holder), the C
+  reference for what any model-aware gateway can reach here: like meshproxy it puts one hop in
+  front of every request, where `service` adds one to 3 requests in 4;
 - `modelmesh` (not the issue's baseline, shown beside it): the shape of KServe ModelMesh
   itself, where every request enters the receiving pod's mesh container, which hands it to its
   own runtime or forwards it to the holder pod's mesh container, which hands it to its runtime
@@ -79,6 +82,13 @@ _MESH_REMOTE = """\
             add_header X-Bench-Forwarded 1 always;
         }}"""
 
+_ROUTED = """\
+        location /v2/models/{model}/ {{
+            proxy_pass http://runtime{holder};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}"""
+
 _NGINX_FRONT = """\
     upstream any_runtime {{
         random;
@@ -124,6 +134,16 @@ def mesh_http(i: int, mesh_ports: list[int], ports: list[int]) -> str:
                  else _MESH_REMOTE.format(model=model, holder=j)
                  for j in range(RUNTIMES) for model in models_of(j)]
     blocks.append(f"    server {{\n        listen 127.0.0.1:{mesh_ports[i]} backlog=4096;\n"
+                  + "\n".join(locations) + "\n    }")
+    return "\n".join(blocks)
+
+
+def routed_http(port: int, ports: list[int]) -> str:
+    """The http block of an nginx gateway routing by model: each model's path to its holder."""
+    blocks = [_upstream(f"runtime{j}", p) for j, p in enumerate(ports)]
+    locations = [_ROUTED.format(model=model, holder=j)
+                 for j in range(len(ports)) for model in models_of(j)]
+    blocks.append(f"    server {{\n        listen 127.0.0.1:{port} backlog=4096;\n"
                   + "\n".join(locations) + "\n    }")
     return "\n".join(blocks)
 
@@ -196,6 +216,13 @@ def start_nginx_front(env: Env, ports: list[int]) -> tuple[Proc, list[str]]:
     return proc, [f"http://127.0.0.1:{port}"]
 
 
+def start_nginx_routed(env: Env, ports: list[int]) -> tuple[Proc, list[str]]:
+    port = free_port()
+    proc = _start_nginx("nginx-routed", env.work, routed_http(port, ports), env.proxy_cpu)
+    _ready_on(proc, f"http://127.0.0.1:{port}/v2/models/m0/infer")
+    return proc, [f"http://127.0.0.1:{port}"]
+
+
 def start_envoy_front(env: Env, ports: list[int]) -> tuple[Proc, list[str]]:
     """Envoy as in the main bench, its cluster the 4 runtimes with lb_policy RANDOM."""
     port, admin = free_port(), free_port()
@@ -231,7 +258,8 @@ def start_modelmesh(env: Env, ports: list[int]) -> tuple[Group, list[str]]:
 
 
 SCENARIOS = {"service": start_service, "nginx-front": start_nginx_front,
-             "envoy-front": start_envoy_front, "meshproxy": start_meshproxy,
+             "envoy-front": start_envoy_front, "nginx-routed": start_nginx_routed,
+             "meshproxy": start_meshproxy,
              "modelmesh": start_modelmesh}
 
 

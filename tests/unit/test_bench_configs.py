@@ -1,7 +1,8 @@
 """bench/: the meshproxy configs it writes pass the proxy's own validation; each model-aware
 runtime (its own nginx) has one answering location per own model, a forward per other one, and
 an upstream per other runtime; each ModelMesh-shaped mesh container hands its own models to its
-runtime and forwards the others to the holder's mesh container; rounds merge into medians;
+runtime and forwards the others to the holder's mesh container; the routed nginx gateway sends
+each model to its holder; rounds merge into medians;
 request bodies have the advertised sizes."""
 
 import re
@@ -74,6 +75,20 @@ def test_each_mesh_container_hands_its_models_to_its_runtime_and_forwards_the_re
             else:
                 assert f"proxy_pass http://mesh{holder};" in block
                 assert "X-Bench-Forwarded 1" in block
+
+
+def test_the_routed_nginx_gateway_sends_each_model_to_its_holder(bench):
+    _, model_aware, _ = bench
+    ports = [11, 12, 13, 14]
+    http = model_aware.routed_http(30, ports)
+    server = http.split("    server {")[1]
+    assert "listen 127.0.0.1:30 " in server
+    upstreams = dict(re.findall(r"upstream runtime(\d) \{\s*server 127\.0\.0\.1:(\d+);", http))
+    assert upstreams == {str(j): str(p) for j, p in enumerate(ports)}
+    for model in model_aware.ALL_MODELS:
+        block = re.search(r"location /v2/models/%s/ \{(.*?)\}" % model, server, re.S)[1]
+        holder = model_aware.ALL_MODELS.index(model) // model_aware.MODELS_PER_RUNTIME
+        assert f"proxy_pass http://runtime{holder};" in block and "Forwarded" not in block
 
 
 def test_rounds_merge_into_medians_the_largest_max_and_summed_counts(bench):
