@@ -377,6 +377,55 @@ async def test_heads_seen_before_are_framed_by_content_length_across_reads_and_p
         "/v2/models/m/ready"] * 2 + ["/v2/models/m/infer"] * 2
 
 
+async def test_bytes_a_runtime_sends_past_a_bodiless_response_never_reach_the_client():
+    # A 204, and the answer to a HEAD, end with their head. Bytes a runtime sends after one in
+    # the same write are not the client's: the next request must get its own answer, not them.
+    async def runtime(reader, writer):
+        while True:
+            try:
+                request = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", request)
+            await reader.readexactly(int(match.group(1)) if match else 0)
+            case = re.search(rb"case=(\w+)", request).group(1)
+            if case == b"nocontent":
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n"
+                             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+            elif request.startswith(b"HEAD"):  # the length of the body a GET would get
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n" + b"s" * 26)
+            else:
+                body = b'{"case": "%-14s"}' % case
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n" + body)
+            await writer.drain()
+
+    server = await asyncio.start_server(runtime, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
+            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
+            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
+    app = ProxyApp(load_text(text))
+    await app.start()
+    answers = []
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        async with asyncio.timeout(10):
+            for method, case in [(b"POST", b"plain"), (b"POST", b"nocontent"), (b"POST", b"plain"),
+                                 (b"HEAD", b"head"), (b"POST", b"plain")]:
+                writer.write(method + b" /v2/models/m/infer?case=" + case + b" HTTP/1.1\r\n"
+                             b"Host: x\r\nContent-Length: 2\r\n\r\n{}")
+                got = await reader.readuntil(b"\r\n\r\n")
+                if method == b"POST" and case == b"plain":
+                    got += await reader.readexactly(26)
+                answers.append((statuses(got), got.partition(b"\r\n\r\n")[2]))
+        writer.close()
+    finally:
+        await app.stop()
+        server.close()
+    plain = ([200], b'{"case": "plain         "}')
+    assert answers == [plain, ([204], b""), plain, ([200], b""), plain]
+
+
 async def test_response_heads_seen_before_are_framed_by_content_length_across_reads():
     # A 200 head framed by Content-Length that llhttp read once on an upstream connection is
     # taken straight from later responses, the body counted by that length (http_pool.py
