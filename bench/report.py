@@ -54,6 +54,7 @@ class Results:
     fast: dict[str, PathResult]  # 3 KB: latency at --fast-rate
     workers: dict[str, PathResult]  # meshproxy --workers 1 and 2, not pinned: throughput
     models: dict = field(default_factory=dict)  # model_aware.run()
+    grpc: dict = field(default_factory=dict)  # run.grpc_test(): {"paths": [...]} or {"failed": ...}
 
     @classmethod
     def empty(cls, paths: list[str], big: bool, fast: bool, workers: bool) -> "Results":
@@ -68,7 +69,9 @@ class Results:
         groups = (self.main, self.big, self.fast, self.workers)
         return (all(r.status == "ok" for g in groups for r in g.values())
                 and all("failed" not in m and not any(run["problems"] for run in m.values())
-                        for m in self.models.values()))
+                        for m in self.models.values())
+                and "failed" not in self.grpc
+                and all(r["status_checked"] for r in self.grpc.get("paths", [])))
 
 
 def add_latency_deltas(results: dict[str, PathResult]) -> None:
@@ -128,6 +131,7 @@ def machine_info() -> dict:
             "nginx": _version("nginx", ["-v"], r"nginx/(\S+)"),
             "wrk": _version("wrk", ["-v"], r"^wrk (\S+)"),
             "k6": _version("k6", ["version"], r"^k6 (v\S+)"),
+            "h2load": _version("h2load", ["--version"], r"nghttp2/(\S+)"),
             "python": platform.python_version(),
             "meshproxy": _meshproxy_version(),
         },
@@ -194,6 +198,7 @@ def markdown(results: Results, machine: dict, settings: dict) -> str:
         "",
         f"{machine['nproc']} x {machine['cpu_model']}, Linux {machine['kernel']}; "
         f"envoy {v['envoy']}, nginx {v['nginx']}, wrk {v['wrk']}, k6 {v['k6']}, "
+        f"h2load {v.get('h2load', 'missing')}, "
         f"python {v['python']}, meshproxy {v['meshproxy']}.",
         "",
         f"Throughput: wrk -t1 -c{settings['connections']} for {settings['duration_s']} s "
@@ -213,6 +218,7 @@ def markdown(results: Results, machine: dict, settings: dict) -> str:
     parts += sections.fast(results.fast, settings) + sections.big(results.big, settings)
     parts += sections.workers(results.workers, settings)
     parts += sections.models(results.models, settings)
+    parts += sections.grpc(results.grpc, settings)
     parts += ["", "Plots: `latency.png` (percentiles per path and test), `cpu.png` (CPU per request "
               "per path)."]
     return "\n".join(parts) + "\n"
@@ -231,6 +237,7 @@ def write(results: Results, machine: dict, settings: dict, out_dir: Path) -> str
     (out_dir / "latest.md").write_text(md)
     doc = {"machine": machine, "settings": settings, "paths": _group_json(results.main),
            "fast_rate": _group_json(results.fast), "big_body": _group_json(results.big),
-           "workers": _group_json(results.workers), "model_aware": results.models}
+           "workers": _group_json(results.workers), "model_aware": results.models,
+           "grpc": results.grpc}
     (out_dir / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
     return md

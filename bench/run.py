@@ -7,7 +7,7 @@ requests/s and the proxy's CPU seconds (from /proc) over the timed run, and stop
 the same again with the 600 KB body, and for meshproxy with 1 and 2 workers, not pinned.
 Test 2 starts each path once more and drives it with k6 at a fixed rate over one connection
 (3 KB at 100 and 1,000 requests/s, 600 KB at 100). Test 3 is the model-aware scenario
-(model_aware.py). A path that cannot start is recorded as failed and the others carry on; a path
+(model_aware.py), test 4 gRPC ModelInfer through Envoy and meshproxy (grpc_bench.py). A path that cannot start is recorded as failed and the others carry on; a path
 that answers anything but 200 is recorded as invalid. Results go to stdout and
 bench/results/latest.{md,json}, plots to bench/results/*.png.
 """
@@ -21,7 +21,9 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc_bench
 import load
 import model_aware
 import plots
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-duration", type=int, help="seconds of each model-aware k6 run at --rate (default 30)")
     p.add_argument("--no-workers", action="store_true", help="skip meshproxy --workers 1 vs 2")
     p.add_argument("--no-model-aware", action="store_true", help="skip the model-aware scenario")
+    p.add_argument("--no-grpc", action="store_true", help="skip gRPC ModelInfer (test 4)")
     p.add_argument("--load-cpu", type=int, default=0, help="core for wrk, k6 and the upstream (default 0)")
     p.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test (default 1)")
     p.add_argument("--latency-unpinned", action="store_true",
@@ -98,7 +101,8 @@ def settings_of(args: argparse.Namespace) -> dict:
             "extra_duration_s": args.extra_duration, "extra_rounds": args.extra_rounds,
             "extra_latency_duration_s": args.extra_latency_duration,
             "model_duration_s": args.model_duration, "workers": not args.no_workers,
-            "model_aware": not args.no_model_aware, "model_rounds": MODEL_ROUNDS}
+            "model_aware": not args.no_model_aware, "model_rounds": MODEL_ROUNDS,
+            "grpc": grpc_settings(args).__dict__ if not args.no_grpc else None}
 
 
 @contextmanager
@@ -199,6 +203,23 @@ def big_throughput_and_latency(res: report.Results, env: Env, body: bytes, big_p
             guarded(r, latency_runs, name, env, body, cases, work, args)
 
 
+def grpc_settings(args) -> SimpleNamespace:
+    """Test 4's h2load run and paced latency run, as long as test 1's throughput runs."""
+    return SimpleNamespace(seconds=args.duration, latency_seconds=4.0 if not args.quick else 2.0,
+                           clients=8, streams=32)
+
+
+def grpc_test(work: Path, args) -> dict:
+    """gRPC ModelInfer, direct / Envoy / meshproxy: {"paths": [...]} or {"failed": why}."""
+    grpc_bench.PROXY_CPU, grpc_bench.LOAD_CPU = args.proxy_cpu, args.load_cpu
+    print("[grpc] direct, envoy, meshproxy", file=sys.stderr, flush=True)
+    try:
+        paths, _ = grpc_bench.run(work, grpc_settings(args))
+    except Exception as e:  # noqa: BLE001 - recorded, so the rest of the report is written
+        return {"failed": f"{type(e).__name__}: {e}"}
+    return {"paths": paths}
+
+
 def measure(args, work: Path, body: bytes, body_path: Path, big_path: Path | None) -> report.Results:
     res = report.Results.empty(args.paths, big_path is not None, args.fast_rate > 0,
                                not args.no_workers)
@@ -231,6 +252,8 @@ def measure(args, work: Path, body: bytes, body_path: Path, big_path: Path | Non
                 rates.append((args.fast_rate, args.fast_vus, 1, args.extra_latency_duration))
             res.models = model_aware.run(env, body, body_path, rates, args.load_cpu,
                                          args.proxy_cpu, rounds=MODEL_ROUNDS)
+        if not args.no_grpc:
+            res.grpc = grpc_test(work, args)
     finally:
         upstream.stop()
     for group in (res.main, res.big, res.fast):
@@ -243,6 +266,8 @@ def check_tools(args) -> None:
     envoy = "envoy" in args.paths or not args.no_model_aware  # the model-aware envoy-front
     needed = ["wrk", "k6", "nginx", "taskset"] + (["envoy"] if envoy else [])
     missing = [n for n in needed if found[n] is None]
+    if not args.no_grpc:
+        missing += [n for n in grpc_bench.missing_tools() if n not in missing]
     if missing:
         sys.exit(f"missing: {', '.join(missing)}; run `bash bench/setup.sh` (or `make bench`)")
 

@@ -1,7 +1,9 @@
-"""The report's tables after the main one: 3 KB at 1,000 req/s, the 600 KB body, workers and
-the model-aware scenario."""
+"""The report's tables after the main one: 3 KB at 1,000 req/s, the 600 KB body, workers, the
+model-aware scenario and gRPC ModelInfer."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from report import PathResult, _cpu_cell, _num, notes
 
@@ -125,3 +127,22 @@ def models(results: dict, settings: dict) -> list[str]:
                                                  for x in run.get("rounds", []))])
             bad += [f"- **{name} at {rate}/s invalid**: {p}" for p in run["problems"]]
     return lines + _table(header, rows) + (["", *bad] if bad else [])
+
+
+def grpc(results: dict, settings: dict) -> list[str]:
+    if not results:
+        return []
+    import grpc_bench
+    lines = ["", "## gRPC ModelInfer, 3 KB request and response", "",
+             "inference.GRPCInferenceService/ModelInfer with one 3 KB FP32 tensor, against a "
+             "grpc.aio upstream answering a 3 KB ModelInferResponse without decoding. "
+             + grpc_bench.settings_line(SimpleNamespace(**settings["grpc"]))
+             + " h2load counts HTTP 200 as success whatever grpc-status says, so each run is "
+             "checked against the upstream's own count of the calls it answered. See "
+             "bench/grpc_bench.py.", ""]
+    if "failed" in results:
+        return lines + [f"- **gRPC failed**: {results['failed'].splitlines()[0]}"]
+    bad = [f"- **{r['path']} invalid**: the upstream answered {r['upstream_served']} calls, "
+           f"h2load counted {r['requests']} successes" for r in results["paths"]
+           if not r["status_checked"]]
+    return lines + grpc_bench.table(results["paths"]) + (["", *bad] if bad else [])

