@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 
 # (throughput s, wrk warm-up s, rounds, latency s, k6 warm-up s,
 #  600 KB and workers: throughput s and rounds, other latency runs s, model-aware s)
-PROFILES = {"default": (6, 2, 5, 20, 2, 6, 2, 10, 30), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
+PROFILES = {"default": (6, 1, 5, 20, 2, 6, 2, 8, 30), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
 MODEL_ROUNDS = 3  # the model-aware runs: their seconds split into interleaved rounds
 
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of: " + ",".join(PATHS))
     p.add_argument("--quick", action="store_true", help="short durations (about 1.5 minutes in all)")
     p.add_argument("--duration", type=int, help="seconds of each measured wrk run (default 10, quick 4)")
-    p.add_argument("--warmup", type=int, help="seconds of wrk warm-up before each run (default 2, quick 1)")
+    p.add_argument("--warmup", type=int, help="seconds of wrk warm-up before each run (default 1)")
     p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 3)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--latency-duration", type=int, help="seconds of measured k6 load (default 20, quick 8)")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default 6, quick 3)")
     p.add_argument("--extra-rounds", type=int, help="rounds of the 600 KB and workers runs (default 2)")
     p.add_argument("--extra-latency-duration", type=int,
-                   help="seconds of the 1,000 req/s and 600 KB k6 runs (default 10, quick 5)")
+                   help="seconds of the 1,000 req/s and 600 KB k6 runs (default 8, quick 5)")
     p.add_argument("--model-duration", type=int, help="seconds of each model-aware k6 run at --rate (default 30)")
     p.add_argument("--no-workers", action="store_true", help="skip meshproxy --workers 1 vs 2")
     p.add_argument("--no-model-aware", action="store_true", help="skip the model-aware scenario")
@@ -247,7 +247,7 @@ def measure(args, work: Path, body: bytes, body_path: Path, big_path: Path | Non
                 for other in (c[0] for c in cases[1:]):
                     other.failed = other.failed or r.failed  # could not start: none ran
         if not args.no_model_aware:
-            rates = [(args.rate, 1, 2, args.model_duration)]
+            rates = [(args.rate, 1, 1, args.model_duration)]
             if args.fast_rate:
                 rates.append((args.fast_rate, args.fast_vus, 1, args.extra_latency_duration))
             res.models = model_aware.run(env, body, body_path, rates, args.load_cpu,
