@@ -1,6 +1,7 @@
 """The REST data plane end to end: devtools runtimes, a proxy, real HTTP clients."""
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -377,10 +378,15 @@ async def test_heads_seen_before_are_framed_by_content_length_across_reads_and_p
         "/v2/models/m/ready"] * 2 + ["/v2/models/m/infer"] * 2
 
 
-async def test_bytes_a_runtime_sends_past_a_bodiless_response_never_reach_the_client():
-    # A 204, and the answer to a HEAD, end with their head. Bytes a runtime sends after one in
-    # the same write are not the client's: the next request must get its own answer, not them.
-    async def runtime(reader, writer):
+@contextlib.asynccontextmanager
+async def scripted_runtime(answer):
+    """A started proxy whose one runtime (`rec`, model `m`) reads each request, head and body
+    by Content-Length, and lets `await answer(head, writer)` write what it answers; yields the
+    proxy and the list of connections the runtime accepted."""
+    connections = []
+
+    async def serve(reader, writer):
+        connections.append(writer)
         while True:
             try:
                 request = await reader.readuntil(b"\r\n\r\n")
@@ -388,26 +394,42 @@ async def test_bytes_a_runtime_sends_past_a_bodiless_response_never_reach_the_cl
                 return
             match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", request)
             await reader.readexactly(int(match.group(1)) if match else 0)
-            case = re.search(rb"case=(\w+)", request).group(1)
-            if case == b"nocontent":
-                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n"
-                             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
-            elif request.startswith(b"HEAD"):  # the length of the body a GET would get
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n" + b"s" * 26)
-            else:
-                body = b'{"case": "%-14s"}' % case
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n" + body)
+            await answer(request, writer)
             await writer.drain()
 
-    server = await asyncio.start_server(runtime, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
             "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
             f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
     app = ProxyApp(load_text(text))
     await app.start()
-    answers = []
     try:
+        yield app, connections
+    finally:
+        await app.stop()
+        server.close()
+
+
+def _case(request: bytes) -> bytes:
+    return re.search(rb"case=(\w+)", request).group(1)
+
+
+async def test_bytes_a_runtime_sends_past_a_bodiless_response_never_reach_the_client():
+    # A 204, and the answer to a HEAD, end with their head. Bytes a runtime sends after one in
+    # the same write are not the client's: the next request must get its own answer, not them.
+    async def answer(request, writer):
+        if _case(request) == b"nocontent":
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+        elif request.startswith(b"HEAD"):  # the length of the body a GET would get
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n" + b"s" * 26)
+        else:
+            body = b'{"case": "%-14s"}' % _case(request)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 26\r\n\r\n" + body)
+
+    answers = []
+    async with scripted_runtime(answer) as (app, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
         async with asyncio.timeout(10):
             for method, case in [(b"POST", b"plain"), (b"POST", b"nocontent"), (b"POST", b"plain"),
@@ -419,9 +441,6 @@ async def test_bytes_a_runtime_sends_past_a_bodiless_response_never_reach_the_cl
                     got += await reader.readexactly(26)
                 answers.append((statuses(got), got.partition(b"\r\n\r\n")[2]))
         writer.close()
-    finally:
-        await app.stop()
-        server.close()
     plain = ([200], b'{"case": "plain         "}')
     assert answers == [plain, ([204], b""), plain, ([200], b""), plain]
 
@@ -432,42 +451,25 @@ async def test_response_heads_seen_before_are_framed_by_content_length_across_re
     # known_head). The client must get each body whole: split across the runtime's writes, or
     # followed by bytes the length does not cover, which are dropped with the connection.
     go = asyncio.Event()
-    connections = []
     head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 26\r\n\r\n"
 
-    async def runtime(reader, writer):
-        connections.append(writer)
-        while True:
-            try:
-                request = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                return
-            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", request).group(1))
-            await reader.readexactly(length)
-            case = re.search(rb"case=(\w+)", request).group(1)
-            body = b'{"case": "%-14s"}' % case
-            if case == b"split":
-                writer.write(head + body[:10])
-                await writer.drain()
-                await go.wait()
-                writer.write(body[10:])
-            elif case == b"extra":
-                writer.write(head + body + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
-            elif case == b"other":
-                writer.write(head.replace(b"\r\n\r\n", b"\r\nx-other: 1\r\n\r\n") + body)
-            else:
-                writer.write(head + body)
+    async def answer(request, writer):
+        case = _case(request)
+        body = b'{"case": "%-14s"}' % case
+        if case == b"split":
+            writer.write(head + body[:10])
             await writer.drain()
+            await go.wait()
+            writer.write(body[10:])
+        elif case == b"extra":
+            writer.write(head + body + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+        elif case == b"other":
+            writer.write(head.replace(b"\r\n\r\n", b"\r\nx-other: 1\r\n\r\n") + body)
+        else:
+            writer.write(head + body)
 
-    server = await asyncio.start_server(runtime, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
-            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
-            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
-    app = ProxyApp(load_text(text))
-    await app.start()
     answers = []
-    try:
+    async with scripted_runtime(answer) as (app, connections):
         reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
         async with asyncio.timeout(10):
             for case in [b"plain", b"plain", b"split", b"plain", b"extra", b"plain", b"other",
@@ -482,9 +484,6 @@ async def test_response_heads_seen_before_are_framed_by_content_length_across_re
                 got += await reader.readexactly(length - len(got.partition(b"\r\n\r\n")[2]))
                 answers.append((statuses(got), json.loads(got.partition(b"\r\n\r\n")[2])))
         writer.close()
-    finally:
-        await app.stop()
-        server.close()
     assert answers == [([200], {"case": c.ljust(14)}) for c in
                        ["plain", "plain", "split", "plain", "extra", "plain", "other", "plain"]]
     assert len(connections) == 2  # a new one after the bytes the length did not cover
