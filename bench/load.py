@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,3 +147,16 @@ def run_k6(url: str, body_path: Path, work: Path, name: str, rate: int, warmup_s
     if out.returncode != 0 or not summary.exists():
         raise RuntimeError(f"k6 exited {out.returncode}: {(out.stderr or out.stdout).strip()[-2000:]}")
     return parse_k6_summary(json.loads(summary.read_text()))
+
+
+def merge_rounds(runs: list[dict], summed=("count", "dropped"), largest=("max", "failed_rate")) -> dict:
+    """One figure set from interleaved rounds of k6 runs: percentiles and the other figures by
+    their median, `largest` by the largest, `summed` summed, problems joined; each round's p50
+    and p99 kept for the record (`rounds`)."""
+    out = {k: statistics.median(run[k] for run in runs) for k, v in runs[0].items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.update({k: max(run[k] for run in runs) for k in largest})
+    out.update({k: sum(run.get(k, 0) for run in runs) for k in summed})
+    out["problems"] = sorted({p for run in runs for p in run["problems"]})
+    out["rounds"] = [{"p50": run["p50"], "p99": run["p99"]} for run in runs]
+    return out

@@ -34,7 +34,6 @@ CPU is not in it.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -317,19 +316,10 @@ def run(env: Env, body: bytes, body_path: Path, rates: list[tuple[int, int, int,
 
 
 def merge(runs: list[dict]) -> dict:
-    """One figure set from the rounds' runs: percentiles by median, max by max, counts summed,
-    the forwarded share weighted by count; each round's p50 and p99 kept for the record."""
-    out = {k: statistics.median(run[k] for run in runs) for k in runs[0]
-           if k.startswith("p") and k[1:].isdigit() or k in ("avg", "min", "med")}
-    out["max"] = max(run["max"] for run in runs)
-    count = sum(run["count"] for run in runs)
-    out.update(count=count, total=sum(run.get("total", 0) for run in runs),
-               dropped=sum(run["dropped"] for run in runs),
-               failed_rate=max(run["failed_rate"] for run in runs),
-               proxy_cpu_s=sum(run["proxy_cpu_s"] for run in runs),
-               problems=sorted({p for run in runs for p in run["problems"]}),
-               rounds=[{"p50": run["p50"], "p99": run["p99"]} for run in runs])
-    shares = [(run["forwarded_share"], run["count"]) for run in runs]
+    """One figure set from the rounds' runs (load.merge_rounds), the CPU seconds summed and the
+    forwarded share weighted by count."""
+    out = load.merge_rounds(runs, summed=("count", "total", "dropped", "proxy_cpu_s"))
+    count, shares = out["count"], [(run["forwarded_share"], run["count"]) for run in runs]
     out["forwarded_share"] = (None if any(s is None for s, _ in shares) or not count
                               else sum(s * n for s, n in shares) / count)
     return out

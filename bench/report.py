@@ -27,7 +27,8 @@ class PathResult:
     halted: bool = False  # failed or answered wrongly: no further measurement
     problems: list[str] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)  # one per throughput round
-    latency: dict | None = None  # microseconds, from k6
+    latency: dict | None = None  # microseconds, from k6: the rounds merged
+    latency_runs: list[dict] = field(default_factory=list)  # one k6 run per latency round
     added: dict | None = None  # latency minus direct's, microseconds
 
     @property
@@ -205,7 +206,9 @@ def markdown(results: Results, machine: dict, settings: dict) -> str:
         f"(after {settings['warmup_s']} s warm-up), median of {settings['rounds']} interleaved rounds; "
         f"proxy pinned to cpu {settings['proxy_cpu']}, wrk and upstream to cpu {settings['load_cpu']}. "
         f"Latency: k6 at {settings['rate']} req/s over one connection for {settings['latency_duration_s']} s "
-        f"(after {settings['latency_warmup_s']} s warm-up), proxy "
+        f"in {settings['latency_rounds']} interleaved rounds (each path started afresh, "
+        f"{settings['latency_warmup_s']} s warm-up each; percentiles are the medians over the "
+        "rounds, max the largest), proxy "
         f"{'pinned as above' if settings['latency_proxy_pinned'] else 'not pinned'}; added = path minus direct. "
         "See bench/README.md.",
         "",

@@ -35,8 +35,9 @@ HERE = Path(__file__).resolve().parent
 
 # (throughput s, wrk warm-up s, rounds, latency s, k6 warm-up s,
 #  600 KB and workers: throughput s and rounds, other latency runs s, model-aware s)
-PROFILES = {"default": (6, 1, 5, 20, 2, 6, 2, 8, 30), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
+PROFILES = {"default": (6, 1, 5, 20, 1, 6, 2, 8, 30), "quick": (4, 1, 3, 8, 1, 3, 1, 5, 6)}
 MODEL_ROUNDS = 3  # the model-aware runs: their seconds split into interleaved rounds
+LATENCY_ROUNDS = 3  # the 3 KB latency runs (test 2), likewise
 
 
 class InvalidPath(Exception):
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved throughput rounds (default 3)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--latency-duration", type=int, help="seconds of measured k6 load (default 20, quick 8)")
-    p.add_argument("--latency-warmup", type=int, help="seconds of k6 warm-up (default 2, quick 1)")
+    p.add_argument("--latency-warmup", type=int, help="seconds of k6 warm-up in each latency round (default 1)")
     p.add_argument("--rate", type=int, default=100, help="k6 requests per second (default 100)")
     p.add_argument("--fast-rate", type=int, default=1000,
                    help="second k6 rate, 3 KB body (default 1000; 0: skip)")
@@ -102,6 +103,7 @@ def settings_of(args: argparse.Namespace) -> dict:
             "extra_latency_duration_s": args.extra_latency_duration,
             "model_duration_s": args.model_duration, "workers": not args.no_workers,
             "model_aware": not args.no_model_aware, "model_rounds": MODEL_ROUNDS,
+            "latency_rounds": LATENCY_ROUNDS,
             "grpc": grpc_settings(args).__dict__ if not args.no_grpc else None}
 
 
@@ -146,10 +148,20 @@ def latency_runs(name: str, env: Env, body: bytes, cases: list, work: Path, args
             if result.halted:
                 continue
             print(f"[latency {rate}/s {body_path.stem}] {name}", file=sys.stderr, flush=True)
-            result.latency = guarded(result, _k6_run, name, proc, url, body_path, work, rate, vus,
-                                     warmup, seconds, args)
-            if result.latency:
-                result.problems += result.latency["problems"]
+            run = guarded(result, _k6_run, name, proc, url, body_path, work, rate, vus, warmup,
+                          seconds, args)
+            if run:
+                result.latency_runs.append(run)
+                result.problems += [p for p in run["problems"] if p not in result.problems]
+
+
+def merge_latency(group: dict[str, report.PathResult]) -> None:
+    """Each path's latency from its rounds (load.merge_rounds)."""
+    for r in group.values():
+        if r.latency_runs:
+            r.latency = load.merge_rounds(
+                r.latency_runs, summed=("count", "dropped", "wall_s", "cpu_s", "core_busy_s"),
+                largest=("max", "failed_rate", "proxy_core_other_pct", "proxy_core_steal_pct"))
 
 
 def _k6_run(name, proc, url, body_path, work, rate, vus, warmup, seconds, args) -> dict:
@@ -237,15 +249,22 @@ def measure(args, work: Path, body: bytes, body_path: Path, big_path: Path | Non
         unpinned = Env(work=work, upstream_port=port, proxy_cpu=None)
         throughput_rounds(res.workers, args.extra_rounds, unpinned, body, body_path, args,
                           args.extra_duration, "workers")
-        for name, r in res.main.items():
-            cases = [(r, body_path, args.rate, 1, args.latency_warmup, args.latency_duration)]
-            if name in res.fast:
-                cases.append((res.fast[name], body_path, args.fast_rate, args.fast_vus, 1,
-                              args.extra_latency_duration))
-            if not all(c[0].halted for c in cases):
-                guarded(r, latency_runs, name, env, body, cases, work, args)
-                for other in (c[0] for c in cases[1:]):
-                    other.failed = other.failed or r.failed  # could not start: none ran
+        # Test 2 in interleaved rounds, each path started afresh in each, so a slow stretch
+        # of the machine falls on every path rather than on whichever ran then.
+        def share(seconds: int) -> int:
+            return max(1, round(seconds / LATENCY_ROUNDS))
+
+        for _ in range(LATENCY_ROUNDS):
+            for name, r in res.main.items():
+                cases = [(r, body_path, args.rate, 1, args.latency_warmup,
+                          share(args.latency_duration))]
+                if name in res.fast:
+                    cases.append((res.fast[name], body_path, args.fast_rate, args.fast_vus, 1,
+                                  share(args.extra_latency_duration)))
+                if not all(c[0].halted for c in cases):
+                    guarded(r, latency_runs, name, env, body, cases, work, args)
+                    for other in (c[0] for c in cases[1:]):
+                        other.failed = other.failed or r.failed  # could not start: none ran
         if not args.no_model_aware:
             rates = [(args.rate, 1, 1, args.model_duration)]
             if args.fast_rate:
@@ -257,6 +276,7 @@ def measure(args, work: Path, body: bytes, body_path: Path, big_path: Path | Non
     finally:
         upstream.stop()
     for group in (res.main, res.big, res.fast):
+        merge_latency(group)
         report.add_latency_deltas(group)
     return res
 

@@ -36,7 +36,8 @@ def fast(group: dict[str, PathResult], settings: dict) -> list[str]:
              f"requests/s", "",
              f"k6 constant-arrival-rate, {vus} VU{'s' if vus > 1 else ''} ({vus} keep-alive "
              f"connection{'s' if vus > 1 else ''}: one k6 VU cannot issue 1,000 requests/s here), "
-             f"{settings['extra_latency_duration_s']} s after 1 s warm-up, proxy pinned as above.",
+             f"{settings['extra_latency_duration_s']} s in the rounds of the 100 req/s runs (1 s "
+             "warm-up each), proxy pinned as above.",
              ""]
     header = ["path", "status", "p50 us", "p90 us", "p99 us", "max us", "added p50 us",
               "added p99 us", "dropped"]
