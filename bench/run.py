@@ -5,10 +5,12 @@ How it works: one nginx upstream is started (pinned with the load generators). T
 proxy fresh on its own core, sends one checked request, warms up with wrk, then measures wrk's
 requests/s and the proxy's CPU seconds (from /proc) over the timed run, and stops the proxy;
 the same again with the 600 KB body, and for meshproxy with 1 and 2 workers, not pinned.
-Test 2 starts each path once more and drives it with k6 at a fixed rate over one connection
-(3 KB at 100 and 1,000 requests/s, 600 KB at 100). Test 3 is the model-aware scenario
-(model_aware.py), test 4 gRPC ModelInfer through Envoy and meshproxy (grpc_bench.py). A path that cannot start is recorded as failed and the others carry on; a path
-that answers anything but 200 is recorded as invalid. Results go to stdout and
+Test 2, in interleaved rounds, starts each path once more and drives it with k6 at a fixed rate
+(3 KB at 100 requests/s over one connection and at 1,000 over four); the 600 KB latency run at
+100 follows its throughput runs. Test 3 is the model-aware scenario (model_aware.py), test 4
+gRPC ModelInfer through Envoy and meshproxy (grpc_bench.py). A path that cannot start is
+recorded as failed and the others carry on; a path that answers anything but 200 is recorded
+as invalid. Results go to stdout and
 bench/results/latest.{md,json}, plots to bench/results/*.png.
 """
 
