@@ -66,14 +66,17 @@ def draw(results, out_dir: Path) -> list[Path]:
            for title, g in (("3 KB body, proxy on 1 core", results.main),
                             ("600 KB body, proxy on 1 core", results.big),
                             ("3 KB body, not pinned", results.workers))]
-    cpu = [(t, g) for t, g in cpu if g]
+    grpc = {r["path"]: {"CPU us/req": r["us_per_request"]}
+            for r in results.grpc.get("paths", []) if r["us_per_request"] is not None}
+    cpu = [(t, g) for t, g in cpu if g] + ([("gRPC ModelInfer 3 KB, proxy on 1 core", grpc)]
+                                           if grpc else [])
     if cpu:
         fig, axes = plt.subplots(1, len(cpu), figsize=(4.2 * len(cpu), 4.2), squeeze=False)
         for ax, (title, groups) in zip(axes[0], cpu):
             _bars(ax, groups, ["CPU us/req"], log=False)
             ax.set_title(title, fontsize=10)
             ax.set_ylabel("proxy CPU time per request, us")
-        fig.suptitle("Proxy CPU per request (wrk, 32 connections; lower is better)")
+        fig.suptitle("Proxy CPU per request (wrk, 32 connections; gRPC: h2load; lower is better)")
         fig.tight_layout()
         written.append(_save(fig, out_dir / "cpu.png", plt))
     return written
