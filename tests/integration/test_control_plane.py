@@ -349,7 +349,7 @@ async def test_the_control_plane_demo_shows_traffic_moving_to_a_model_loaded_liv
     assert proc.returncode == 0
     lines = out.decode().splitlines()
     loaded = next(line for line in lines if line.startswith("sum loaded on runtime-c"))
-    assert "runtime-c x" in loaded
+    assert [f"runtime-{n} x" in loaded for n in "abc"] == [True, True, True]
     unloaded = next(line for line in lines if line.startswith("sum unloaded from runtime-a"))
     assert "runtime-a" not in unloaded.split("sum", 2)[2]
 
