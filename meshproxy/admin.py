@@ -12,14 +12,12 @@ from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshproxy.telemetry.metrics import merge_workers
+from meshproxy.workers import PEERS_ENV
 
 
 def _json(data, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, indent=2) + "\n", status=status,
                         content_type="application/json")
-
-
-PEERS_ENV = "MESHPROXY_WORKER_ADMINS_FILE"  # set by workers.py for worker 0
 
 
 def _peer_admins() -> list[str]:

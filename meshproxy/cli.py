@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
 
     p = sub.add_parser("runtime", help="run the devtools KServe v2 runtime")
-    from meshproxy.devtools import runtime as devruntime
-    devruntime.add_arguments(p)
+    from meshproxy.devtools import options as runtime_options
+    runtime_options.add_arguments(p)
 
     p = sub.add_parser("demo", help="three runtimes and a proxy, a few requests, a table")
     p.add_argument("--once", action="store_true", help="exit after printing the table")
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "control-plane":
         return _control_plane(args.config)
     if args.command == "runtime":
-        return _run(devruntime.serve(devruntime.options_from_args(args)))
+        from meshproxy.devtools import runtime as devruntime
+        return _run(devruntime.serve(runtime_options.options_from_args(args)))
     if args.control_plane:
         from meshproxy.control import demo as cp_demo
         return _run(cp_demo.run(once=args.once))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import grpc
 
 _REASONS = {
     400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout", 413: b"Payload Too Large", 426: b"Upgrade Required",
@@ -98,8 +97,9 @@ class Unimplemented(ProxyError):
     status, grpc_code = 501, "UNIMPLEMENTED"
 
 
-def render_grpc(err: ProxyError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+def render_grpc(err: ProxyError) -> tuple["grpc.StatusCode", str, tuple[tuple[str, str], ...]]:
     """The gRPC status, message and trailing metadata for `err`."""
+    import grpc  # here, so the config loader (and the --workers supervisor) does not load grpc
     trailers = ()
     if isinstance(err, RateLimited):
         trailers = (("retry-after", str(max(1, math.ceil(err.retry_after)))),)

@@ -34,12 +34,12 @@ import signal
 import sys
 import tempfile
 
-from meshproxy.admin import PEERS_ENV
 from meshproxy.config import EXIT_CONFIG, Address, ConfigError, ProxyConfig, load_file
 
 log = logging.getLogger("meshproxy.workers")
 KILL_AFTER = 5.0  # seconds past drain_timeout before a worker that has not exited is killed
 _PR_SET_PDEATHSIG = 1
+PEERS_ENV = "MESHPROXY_WORKER_ADMINS_FILE"  # for worker 0: the others' admin addresses
 
 
 def default_count() -> int:

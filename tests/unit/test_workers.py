@@ -1,5 +1,9 @@
 """meshproxy/workers.py: the worker count and each worker's view of the config."""
 
+import pathlib
+import subprocess
+import sys
+
 from meshproxy import workers
 from meshproxy.config import Address, load_text
 
@@ -34,3 +38,15 @@ def test_worker_0_keeps_admin_and_sidecar_others_get_an_ephemeral_admin():
     assert other.dynamic.sidecar is None and other.dynamic.ads_addresses
     assert other.grpc_address == Address("0.0.0.0", 8033)
     assert other.source is config.source  # the file's own view, for reload comparisons
+
+
+def test_the_supervisor_does_not_load_the_serving_libraries():
+    # The parent of --workers N only validates the config and watches its workers: grpc,
+    # aiohttp and the rest would add ~23 MiB to every multi-worker proxy for nothing.
+    code = ("import sys; from meshproxy import cli, workers; cli.main(['check-config', sys.argv[1]]);"
+            " print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'aiohttp', "
+            "'prometheus_client', 'opentelemetry', 'httptools', 'uvloop'}))")
+    path = pathlib.Path(__file__).parents[2] / "config" / "gateway.yaml"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.splitlines()[-1] == "[]"
