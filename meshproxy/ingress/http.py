@@ -311,11 +311,11 @@ class HttpConnection(asyncio.Protocol):
         ex = self.cur
         self.cur = None
         ex.request_done = True
-        if ex.chunked and not ex.discard:
-            if ex.routed:
+        if ex.routed:
+            if ex.chunked and not ex.discard:
                 ex.body((b"0\r\n\r\n",), 0)
-            else:
-                ex.outbox.append(None)  # the end of a pipelined chunked body, framed at its start
+        elif not ex.discard:  # pipelined: whether it is chunked is known when it routes
+            ex.outbox.append(None)  # the end of the body, framed then
         if ex.mirror is not None:
             mirror.send(ex, self.ctx)
         if ex.response_done and ex is self.queue[0]:
@@ -373,7 +373,8 @@ class HttpConnection(asyncio.Protocol):
         ex.first_try(target, balancer, endpoint, head, ctx.now)
         for piece in pending:
             if piece is None:
-                ex.body((b"0\r\n\r\n",), 0)
+                if ex.chunked:
+                    ex.body((b"0\r\n\r\n",), 0)
             else:
                 ex.body((b"%x\r\n" % len(piece), piece, b"\r\n") if ex.chunked else (piece,),
                         len(piece))
