@@ -561,3 +561,50 @@ async def test_requests_and_answers_cut_at_any_byte_arrive_whole_and_in_order(se
     assert [status for status, _, _ in answers] == [200] * len(sent)
     assert [(a["path"], a["length"], a["digest"]) for _, _, a in answers] == [
         (path, len(body), hashlib.sha256(body).hexdigest()) for path, body in sent]
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_answers_of_every_framing_cut_at_any_byte_reach_the_client_whole(seed):
+    # The runtime frames each answer one of the ways HTTP/1.1 allows (Content-Length, chunked,
+    # after a 100 Continue, or until it closes the connection; a HEAD gets the head alone) and
+    # writes it in pieces cut at random points; a keep-alive client must get every answer
+    # whole, whatever the framing of the one before on the same connection.
+    rng = random.Random(seed)
+
+    async def answer(request, writer, body):
+        pad = b"p" * rng.choice((0, 10, 3000, 70000))
+        reply = json.dumps({"digest": hashlib.sha256(body).hexdigest(),
+                            "pad": pad.decode()}).encode()
+        framing = "head" if request.startswith(b"HEAD") else \
+            rng.choice(["length", "length", "chunked", "continue", "close"])
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        if framing == "chunked":
+            data = head + b"transfer-encoding: chunked\r\n\r\n" + b"".join(
+                b"%x\r\n%s\r\n" % (len(p), p) for p in _cut(reply, rng, 5000)) + b"0\r\n\r\n"
+        elif framing == "close":
+            data = head + b"connection: close\r\n\r\n" + reply
+        else:
+            data = head + b"content-length: %d\r\n\r\n" % len(reply)
+            data = data if framing == "head" else data + reply
+            if framing == "continue":
+                data = b"HTTP/1.1 100 Continue\r\n\r\n" + data
+        for piece in _cut(data, rng, rng.choice((7, 300, 9000)) if len(data) < 5000 else 9000):
+            writer.write(piece)
+            await asyncio.sleep(0)  # let the proxy (same loop) read each piece on its own
+        if framing == "close":
+            await writer.drain()
+            writer.close()
+
+    async with scripted_runtime(answer) as (app, _):
+        url = f"http://127.0.0.1:{app.http_port}/v2/models/m/infer"
+        async with aiohttp.ClientSession() as s, asyncio.timeout(20):
+            for _ in range(25):
+                if rng.random() < 0.15:
+                    async with s.head(url) as resp:
+                        assert (resp.status, await resp.read()) == (200, b"")
+                    continue
+                body = bytes(rng.getrandbits(8) for _ in range(rng.choice((0, 50, 4000))))
+                async with s.post(url, data=body) as resp:
+                    assert resp.status == 200
+                    got = await resp.json(content_type=None)
+                assert got["digest"] == hashlib.sha256(body).hexdigest()
