@@ -1,6 +1,7 @@
 """The REST data plane end to end: devtools runtimes, a proxy, real HTTP clients."""
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -380,7 +381,7 @@ async def test_heads_seen_before_are_framed_by_content_length_across_reads_and_p
 
 
 @contextlib.asynccontextmanager
-async def scripted_runtime(answer):
+async def scripted_runtime(answer, routes: str = ""):
     """A started proxy whose one runtime (`rec`, model `m`) reads each request, head and body
     (by Content-Length, or chunked), and lets `await answer(head, writer, body)` write what it
     answers; yields the proxy and the list of connections the runtime accepted."""
@@ -395,13 +396,16 @@ async def scripted_runtime(answer):
             except asyncio.IncompleteReadError:
                 return
             await answer(request, writer, body)
+            if writer.is_closing():  # the answer closed the connection
+                return
             await writer.drain()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
             "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
-            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
+            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]"
+            + (f", routes: [{routes}]" if routes else "") + "}\n")
     app = ProxyApp(load_text(text))
     await app.start()
     try:
@@ -616,3 +620,46 @@ async def test_answers_of_every_framing_cut_at_any_byte_reach_the_client_whole(s
                     assert resp.status == 200
                     got = await resp.json(content_type=None)
                 assert got["digest"] == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_retried_tries_of_pipelined_requests_replay_the_whole_body(seed):
+    # With retries on, a try that gets a 503 or whose connection the runtime drops unanswered
+    # is sent again with the body kept for replay. Pipelined behind each other and cut at
+    # random points, each request must still reach the runtime whole on every try, and each
+    # answer come back in order: the runtime's 200 when a later try succeeds, its last 503
+    # when every try failed.
+    rng = random.Random(seed)
+    tries: dict[int, int] = collections.Counter()
+
+    async def answer(request, writer, body):
+        order = json.loads(body)
+        n = order["n"]
+        tries[n] += 1
+        failing = order["case"] == "503-always" or (order["case"] != "ok" and tries[n] == 1)
+        if failing and order["case"] == "reset-once":
+            writer.close()  # the connection drops with the request unanswered
+            return
+        reply = json.dumps({"n": n, "digest": hashlib.sha256(body).hexdigest()}).encode()
+        writer.write(b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n%s" % (
+            b"503 Service Unavailable" if failing else b"200 OK", len(reply), reply))
+
+    sent, cases, stream = [], [], b""
+    for n in range(20):
+        case = rng.choice(["ok", "ok", "503-once", "reset-once", "503-always"])
+        cases.append(case)
+        body = json.dumps({"n": n, "case": case}).encode().ljust(rng.choice((200, 3000)))
+        stream += infer_request(b"m", body, b"Connection: close\r\n" if n == 19 else b"")
+        sent.append((503 if case == "503-always" else 200, n, hashlib.sha256(body).hexdigest()))
+    routes = "{model: m, retry_policy: {retry_on: '5xx,reset', num_retries: 2}}"
+    async with scripted_runtime(answer, routes) as (app, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        async with asyncio.timeout(20):
+            for piece in _cut(stream, rng, rng.choice((50, 700, 4000))):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0)
+            reply = await reader.read(-1)
+        writer.close()
+    assert [(status, a["n"], a["digest"]) for status, _, a in framed(reply)] == sent
+    assert [tries[n] for n in range(20)] == [{"ok": 1, "503-always": 3}.get(c, 2) for c in cases]
