@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sys
 import textwrap
 
@@ -389,3 +390,38 @@ async def test_bad_control_plane_config_exits_64_naming_the_field(tmp_path, text
         stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 64 and words in err.decode()
+
+
+def _random_table(rng, ports):
+    runtimes = []
+    for name in rng.sample([f"r{i}" for i in range(6)], rng.randint(0, 6)):
+        rt = resources_pb2.Runtime(name=name, http_address=f"127.0.0.1:{rng.choice(ports)}")
+        for model in rng.sample(["a", "b", "c", "d"], rng.randint(0, 4)):
+            rt.models.add(name=model, version=rng.choice(["", "1", "2"]))
+        runtimes.append(rt)
+    routes = [resources_pb2.ModelRoute(model=m, balancer=rng.choice(["", "round_robin"]))
+              for m in rng.sample(["a", "b", "c"], rng.randint(0, 3))]
+    return runtimes, routes
+
+
+def _by_name(messages, key):
+    return {getattr(m, key): m for m in messages}
+
+
+async def test_proxies_converge_on_every_table_the_control_plane_pushes():
+    # Random tables (runtimes added, changed and removed; routes likewise) pushed one after
+    # another, some so quickly that a stream is still sending the last one: a DELTA and a
+    # STATE_OF_THE_WORLD proxy must each end up with exactly the control plane's table, every
+    # time it is given the chance to settle.
+    rng = random.Random(3)
+    text = "grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\n"
+    async with control_plane(text) as cp, proxies(cp.grpc_port) as apps:
+        for step in range(30):
+            runtimes, routes = _random_table(rng, [8000, 8001])
+            cp.cache.set_all(runtimes, routes)
+            if rng.random() < 0.4:
+                continue  # the next table follows at once
+            want = (_by_name(runtimes, "name"), _by_name(routes, "model"))
+            await eventually(lambda: all(
+                (_by_name(a.ctx.snapshot.runtimes, "name"),
+                 _by_name(a.ctx.snapshot.routes, "model")) == want for a in apps), timeout=5)
