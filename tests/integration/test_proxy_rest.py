@@ -663,3 +663,68 @@ async def test_retried_tries_of_pipelined_requests_replay_the_whole_body(seed):
         writer.close()
     assert [(status, a["n"], a["digest"]) for status, _, a in framed(reply)] == sent
     assert [tries[n] for n in range(20)] == [{"ok": 1, "503-always": 3}.get(c, 2) for c in cases]
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_under_concurrent_failures_every_request_is_answered_and_nothing_leaks(seed):
+    # Eight clients at once against a runtime that answers, answers late, answers 503, drops
+    # the connection unanswered, drops it halfway through the body, or never answers (the
+    # per-try timeout ends that try); some clients hang up mid-request. Every request a client
+    # waits for gets an answer whose body is whole, or, when the runtime dropped a response
+    # already under way, a connection reset the client notices; once it is over the proxy holds nothing:
+    # no request counted active on the endpoint, none in the retry budget, no client connection.
+    rng = random.Random(seed)
+
+    async def answer(request, writer, body):
+        case = rng.choice(["ok", "ok", "ok", "late", "503", "drop", "half", "silent"])
+        reply = json.dumps({"digest": hashlib.sha256(body).hexdigest()}).encode()
+        if case in ("drop", "half"):
+            if case == "half":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(reply)
+                             + reply[:10])
+                await writer.drain()
+            writer.close()
+            return
+        if case == "silent":
+            await asyncio.sleep(1)  # past the per-try timeout: the proxy gave up on this try
+            writer.close()
+            return
+        if case == "late":
+            await asyncio.sleep(rng.random() / 20)
+        writer.write(b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n%s" % (
+            b"503 Service Unavailable" if case == "503" else b"200 OK", len(reply), reply))
+
+    routes = ("{model: m, timeout: 2s, retry_policy: {retry_on: '5xx,reset', num_retries: 2, "
+              "per_try_timeout: 0.3s}}")
+    outcomes = collections.Counter()
+
+    async def client(app):
+        url = f"http://127.0.0.1:{app.http_port}/v2/models/m/infer"
+        async with aiohttp.ClientSession() as s:
+            for _ in range(12):
+                body = rng.randbytes(rng.choice((0, 100, 5000)))
+                call = asyncio.ensure_future(s.post(url, data=body))
+                if rng.random() < 0.1:  # this client hangs up before the answer
+                    await asyncio.sleep(rng.random() / 50)
+                    call.cancel()
+                    outcomes["hung up"] += 1
+                    continue
+                async with await call as resp:
+                    try:
+                        raw = await resp.read()
+                    except aiohttp.ClientPayloadError:  # the runtime dropped it halfway:
+                        outcomes["cut"] += 1  # the proxy resets the client, who sees it short
+                        continue
+                outcomes[resp.status] += 1
+                if resp.status == 200:
+                    assert json.loads(raw)["digest"] == hashlib.sha256(body).hexdigest()
+
+    async with scripted_runtime(answer, routes) as (app, _):
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(client(app) for _ in range(8)))
+        endpoint = app.ctx.snapshot.endpoints["rec"]
+        budget = app.ctx.snapshot.match("m", None, rng.random)[0].budget
+        await eventually(lambda: (endpoint.active, budget.active_requests, budget.active_retries,
+                                  len(app.ctx.connections)) == (0, 0, 0, 0), timeout=5)
+    assert set(outcomes) <= {200, 502, 503, 504, "hung up", "cut"}
+    assert outcomes[200] > 20  # (about 57 of 96 in 40 runs)
