@@ -156,6 +156,16 @@ class HttpConnection(asyncio.Protocol):
             ex.finished()
         self.queue.clear()
 
+    def eof_received(self) -> bool:
+        """The client half-closed. The requests it sent whole are still answered, in order, and
+        the connection closes after the last (RFC 9112 9.6: a half-close does not end a
+        request or the client's interest in the answer). With nothing in flight, or a request
+        that can now never end, the transport closes at once."""
+        if self.closed or not self.queue or self.cur is not None or self.body_left:
+            return False
+        self.queue[-1].close_after = True
+        return True
+
     def data_received(self, data: bytes) -> None:
         if self.body_left or (self.known and self.cur is None):
             data = self.read_known(data)

@@ -783,3 +783,31 @@ async def test_mangled_requests_get_a_whole_answer_or_none_and_the_connection_al
             b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n") + body)
         assert statuses(reply) == [200]
         await eventually(lambda: not p.ctx.connections)
+
+
+async def test_a_client_that_half_closes_after_its_requests_still_gets_every_answer():
+    # fortio -halfclose, BusyBox wget and `printf ... | nc -N` send their request(s), then shut
+    # their side (FIN). That does not end a request or the client's interest in the answer
+    # (RFC 9112 9.6): the runtime is slower than the FIN, and every request sent whole is
+    # answered, the last saying connection: close, before the proxy closes. A request cut
+    # short by the FIN can never end: the connection closes without an answer.
+    body = json.dumps(SUM_BODY).encode()
+    request = infer_request(b"sum", body)
+    async with runtimes(("r1", ["sum"]), latency_ms=100) as rts, proxy(rts) as p:
+        async def half_closed(data: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+            writer.write(data)
+            writer.write_eof()
+            async with asyncio.timeout(5):
+                reply = await reader.read(-1)  # until the proxy closes
+            writer.close()
+            return reply
+
+        one, two, cut = await asyncio.gather(half_closed(request), half_closed(request * 2),
+                                             half_closed(request[:-5]))
+        assert statuses(one) == [200] and one.count(b"connection: close\r\n") == 1
+        answers = framed(two)
+        assert [a["outputs"][0]["data"] for _, _, a in answers] == [[6], [6]]
+        assert [b"connection: close" in head for _, head, _ in answers] == [False, True]
+        assert cut == b""
+        await eventually(lambda: not p.ctx.connections)
