@@ -8,7 +8,9 @@ import logging
 import signal
 import sys
 
-from meshproxy.config import EXIT_CONFIG, ConfigError, load_file
+import yaml
+
+from meshproxy.config import EXIT_CONFIG, ConfigError, load_file, load_text, read_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +58,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_config(path: str) -> int:
+    """Validate a proxy bootstrap, or a control-plane config when its top-level keys say so."""
+    from meshproxy.control import config as cp_config
     try:
-        config = load_file(path)
+        text = read_file(path)
+        if _is_control_plane(text):
+            settings = cp_config.load_text(text, source=path)
+            print(f"{path}: ok (control plane: {len(settings.runtimes)} runtimes, "
+                  f"{len(settings.routes)} routes, {len(settings.discovered)} discovered)")
+            return 0
+        config = load_text(text, source=path)
     except ConfigError as e:
         print(f"meshproxy: invalid config: {e}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"{path}: ok ({len(config.runtimes)} runtimes, {len(config.routes)} routes)")
     return 0
+
+
+def _is_control_plane(text: str) -> bool:
+    """Whether every top-level key is a ControlPlaneConfig field and some key is not a
+    Bootstrap field (so a file that fits neither is checked, and reported, as a proxy's)."""
+    from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, control_plane_pb2
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    if not isinstance(data, dict) or not data:
+        return False
+
+    def names(message) -> set[str]:
+        return {n for f in message.DESCRIPTOR.fields for n in (f.name, f.json_name)}
+
+    keys = set(map(str, data))
+    return keys <= names(control_plane_pb2.ControlPlaneConfig) and \
+        not keys <= names(bootstrap_pb2.Bootstrap)
 
 
 def _proxy(path: str, workers: int | None = None) -> int:

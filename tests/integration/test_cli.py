@@ -41,6 +41,12 @@ async def test_check_config_accepts_good_and_names_the_bad_field(tmp_path):
     bad.write_text("static_resources: {runtimes: [{name: a, http_adress: '127.0.0.1:1'}]}\n")
     code, _, err = await run("check-config", str(bad))
     assert code == 64 and "http_adress" in err and "bad.yaml" in err
+    # A control-plane config is told by its keys, and checked as one.
+    cp = tmp_path / "cp.yaml"
+    cp.write_text("grpc_address: 127.0.0.1:18000\ndiscovery: {runtimes: [{name: a, "
+                  "http_address: '127.0.0.1:1', models: [{name: m}]}]}\n")
+    code, _, err = await run("check-config", str(cp))
+    assert code == 64 and "discovery.runtimes[0].models" in err and "cp.yaml" in err
 
 
 async def test_proxy_with_bad_config_exits_64_before_listening(tmp_path):
