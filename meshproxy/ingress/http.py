@@ -136,6 +136,8 @@ class HttpConnection(asyncio.Protocol):
         self.read_size = 0  # bytes of the read being parsed
         self.deadline = ctx.now + ctx.settings.idle_timeout
         self.reading_paused = False
+        self.upstream_full = False  # the runtime is not taking the request body as it comes
+        self.client_full = False  # the client is not taking the response as it comes
         self.seen: dict[bytes, SeenHead] = {}  # by URL, oldest first
         self.known: dict[bytes, SeenHead] = {}  # by their canonical bytes (SeenHead.raw)
         self.body_left = 0  # of a request read without llhttp
@@ -249,15 +251,20 @@ class HttpConnection(asyncio.Protocol):
                 ex.outbox_size = 0
 
     def pause_writing(self) -> None:
+        self.client_full = True
         if self.queue and self.queue[0].upstream is not None:
-            self.queue[0].upstream.transport.pause_reading()
+            self.queue[0].upstream.pause()
 
     def resume_writing(self) -> None:
+        self.client_full = False
         if self.queue and self.queue[0].upstream is not None:
-            self.queue[0].upstream.transport.resume_reading()
+            self.queue[0].upstream.resume()
 
     def resume_client(self) -> None:
-        if self.reading_paused and len(self.queue) <= 1 and not self.closed:
+        """Read from the client again, unless a request is still waiting for its turn or the
+        runtime is not taking the body (Exchange.upstream_paused)."""
+        if self.reading_paused and len(self.queue) <= 1 and not self.upstream_full \
+                and not self.closed:
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -426,6 +433,8 @@ class HttpConnection(asyncio.Protocol):
         settings = self.ctx.settings
         close = ex.close_after or not ex.keep_alive or self.ctx.draining
         up = ex.upstream
+        if self.client_full and up is not None:  # still full from an earlier answer
+            up.pause()
         if up is not None and head == up.last_head:  # a runtime mostly repeats its heads
             kept = up.last_kept
         else:

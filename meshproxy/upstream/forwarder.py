@@ -106,6 +106,10 @@ class Exchange:
 
     def end_try(self, outcome: int | str = "cancelled") -> None:
         """The try is over: a status (int) or why it failed."""
+        conn = self.conn
+        if conn.upstream_full:  # that connection's full buffer no longer holds the client back
+            conn.upstream_full = False
+            conn.resume_client()
         if self.in_try:
             self.in_try = False
             endpoint = self.endpoint
@@ -264,10 +268,13 @@ class Exchange:
         self.conn.reply_error(self, err)
 
     def upstream_paused(self, paused: bool) -> None:
+        """The runtime's side is full (or has room again): hold back the client's body."""
+        conn = self.conn
+        conn.upstream_full = paused
         if paused:
-            self.conn.transport.pause_reading()
+            conn.pause_client()
         else:
-            self.conn.resume_client()
+            conn.resume_client()
 
     def abort_upstream(self, outcome: str = "cancelled") -> None:
         if self.upstream is not None:

@@ -37,7 +37,7 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
                  "_in_head", "_done", "_until_close", "_keep_alive", "_no_body", "last_head",
-                 "last_kept", "known_head", "known_length", "_body_left")
+                 "last_kept", "known_head", "known_length", "_body_left", "paused")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
@@ -49,6 +49,7 @@ class UpstreamConnection(asyncio.Protocol):
         # A 200 head framed by Content-Length, read by llhttp before, and that length.
         self.known_head = b""
         self.known_length = 0
+        self.paused = False  # reading stopped: the client is not taking the response as it comes
         self._reset()
 
     def _reset(self) -> None:
@@ -71,6 +72,17 @@ class UpstreamConnection(asyncio.Protocol):
     def forbid_reuse(self) -> None:
         """Close after this response: the request may not have been read to its end."""
         self._keep_alive = False
+
+    def pause(self) -> None:
+        """Stop reading the response until resume(): the client's side is full."""
+        if not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
 
     def abort(self) -> None:
         """Drop the connection (the exchange gave up on it)."""
@@ -183,6 +195,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)  # llhttp still expects the body
         self._reset()
         if reusable:
+            if self.paused:  # the last bytes came in the read that filled the client's side
+                self.resume()
             self.pool.release(self)
         else:
             self.transport.close()

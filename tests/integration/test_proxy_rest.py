@@ -811,3 +811,90 @@ async def test_a_client_that_half_closes_after_its_requests_still_gets_every_ans
         assert [b"connection: close" in head for _, head, _ in answers] == [False, True]
         assert cut == b""
         await eventually(lambda: not p.ctx.connections)
+
+
+async def test_a_runtime_or_client_that_stops_reading_holds_back_the_other_side():
+    # A 64 MiB request to a runtime that does not read, and a 64 MiB answer to a client that
+    # does not read: the proxy stops reading from the sending side once its buffers fill, so
+    # the sender is held back (its writes stop being taken) and the proxy holds a few MiB at
+    # most; once the reader reads, every byte arrives and the digests match. (Before, a
+    # request body larger than the socket buffers hung for good, held back by a full runtime
+    # connection and never let go.)
+    size = 64 * 2 ** 20
+    blob = bytes(range(256)) * (size // 256)
+    reading = asyncio.Event()
+    sent_back = {"n": 0}
+
+    async def serve(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        await reading.wait()
+        digest = hashlib.sha256()
+        while length:
+            chunk = await reader.read(min(length, 2 ** 20))
+            digest.update(chunk)
+            length -= len(chunk)
+        reply = json.dumps({"digest": digest.hexdigest()}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(reply), reply))
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the second request: a 64 MiB answer
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        for at in range(0, size, 2 ** 20):
+            writer.write(blob[at:at + 2 ** 20])
+            await writer.drain()
+            sent_back["n"] = at + 2 ** 20
+        while await reader.readuntil(b"\r\n\r\n"):  # more requests on this connection
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nmore")
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
+            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
+            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
+    app = ProxyApp(load_text(text))
+    await app.start()
+    written = {"n": 0}
+
+    async def send():
+        writer.write(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size)
+        for at in range(0, size, 2 ** 20):
+            writer.write(blob[at:at + 2 ** 20])
+            await writer.drain()
+            written["n"] = at + 2 ** 20
+
+    def held_by_proxy() -> int:
+        conns = list(app.ctx.connections)
+        ups = [e.upstream for c in conns for e in c.queue if e.upstream is not None]
+        return sum(c.transport.get_write_buffer_size() for c in conns) + sum(
+            u.transport.get_write_buffer_size() for u in ups)
+
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        sending = asyncio.ensure_future(send())
+        with pytest.raises(TimeoutError):  # the runtime is not reading: the client is held
+            await asyncio.wait_for(asyncio.shield(sending), 1.5)
+        assert written["n"] < size // 4 and held_by_proxy() < 8 * 2 ** 20
+        reading.set()
+        async with asyncio.timeout(30):
+            await sending
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+            assert json.loads(await reader.readexactly(length))["digest"] == \
+                hashlib.sha256(blob).hexdigest()
+            writer.write(b"GET /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")  # the answer's head; its body is not read
+            await eventually(lambda: sent_back["n"] > 0, timeout=5)
+        with pytest.raises(TimeoutError):  # the client is not reading: the runtime is held
+            await asyncio.wait_for(eventually(lambda: sent_back["n"] == size, 30), 1.5)
+        assert sent_back["n"] < size // 4 and held_by_proxy() < 8 * 2 ** 20
+        async with asyncio.timeout(30):
+            assert await reader.readexactly(size) == blob
+            # The runtime connection that carried it goes on serving (it is not left paused).
+            for _ in range(2):
+                writer.write(b"GET /v2/models/m/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await reader.readuntil(b"more")).endswith(b"\r\n\r\nmore")
+        writer.close()
+    finally:
+        await app.stop()
+        server.close()
