@@ -82,6 +82,12 @@ class ControlPlaneApp:
     async def start(self) -> None:
         s = self.settings
         self.poller.configure(s.discovered, s.poll_interval, s.grace, s.request_timeout)
+        # Serve a table only once each runtime has been asked what it holds: a control plane
+        # restarted under load must not tell every proxy that the runtimes hold nothing.
+        unpolled = await self.poller.first_round(s.request_timeout + 1.0)
+        if unpolled:
+            log.warning("starting before these runtimes answered their first poll: %s",
+                        ", ".join(unpolled))
         self.publish()
         self._server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", 256 * 1024 * 1024),

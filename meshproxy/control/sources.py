@@ -141,6 +141,7 @@ class DiscoveryPoller:
         self._changed = changed
         self._metrics = metrics
         self._tasks: dict[str, asyncio.Task] = {}
+        self._polled: dict[str, asyncio.Event] = {}  # set once a runtime answered or failed
         self._session: aiohttp.ClientSession | None = None
         self.interval = 2.0
 
@@ -166,8 +167,24 @@ class DiscoveryPoller:
                         rt.http_address, rt.dialect):
                     # Same runtime, new weight or labels: keep what it reported meanwhile.
                     view.models, view.last_answer = old.models, old.last_answer
+                self._polled[name] = asyncio.Event()
                 self._tasks[name] = asyncio.get_running_loop().create_task(
                     self._poll(view), name=f"poll-{name}")
+        for name in list(self._polled):
+            if name not in self.views:
+                del self._polled[name]
+
+    async def first_round(self, timeout: float) -> list[str]:
+        """Wait until every runtime has been polled once (answered or not), at most `timeout`
+        seconds; the names of those still unpolled then. A table published before would list
+        each runtime with no models, and proxies would drop every route to it."""
+        waits = [e.wait() for e in self._polled.values() if not e.is_set()]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return sorted(n for n, e in self._polled.items() if not e.is_set())
 
     async def _poll(self, view: RuntimeView) -> None:
         loop = asyncio.get_running_loop()
@@ -187,6 +204,9 @@ class DiscoveryPoller:
                 self._metrics.polls.labels(view.config.name, result).inc()
             if view.message() is not before:
                 self._changed()
+            polled = self._polled.get(view.config.name)
+            if polled is not None:
+                polled.set()
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
     async def close(self) -> None:

@@ -426,3 +426,46 @@ async def test_proxies_converge_on_every_table_the_control_plane_pushes():
             await eventually(lambda: all(
                 (_by_name(a.ctx.snapshot.runtimes, "name"),
                  _by_name(a.ctx.snapshot.routes, "model")) == want for a in apps), timeout=5)
+
+
+async def test_a_restarted_control_plane_serves_its_first_table_only_after_polling_each_runtime():
+    # Killed under load and started again, the control plane knows nothing until it has asked
+    # each runtime what it holds. Serving before that would tell every proxy that reconnects
+    # that the runtimes hold no models, and each would drop its routes until the next push
+    # (404s under load). One runtime answers its first poll slowly, one never answers: the
+    # first table lists the slow one's models, and startup waits no longer than the poll's
+    # request_timeout (plus a second) for the silent one.
+    from aiohttp import web
+
+    async def index(_):
+        await asyncio.sleep(0.3)  # a runtime slow to answer its first poll
+        return web.json_response([{"name": "sum", "state": "READY"}])
+
+    async def health(_):
+        return web.json_response({})
+
+    fake = web.Application()
+    fake.router.add_get("/v2/health/ready", health)
+    fake.router.add_post("/v2/repository/index", index)
+    runner = web.AppRunner(fake)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    silent_port = silent.sockets[0].getsockname()[1]
+    text = ("grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
+            "  poll_interval: 5s\n  request_timeout: 0.5s\n  runtimes:\n"
+            f"    - {{name: slow, http_address: '127.0.0.1:{port}', dialect: TRITON}}\n"
+            f"    - {{name: silent, http_address: '127.0.0.1:{silent_port}', dialect: TRITON}}\n")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with control_plane(text) as cp:
+            took = loop.time() - started
+            entries = cp.cache.get(RUNTIME_TYPE).entries
+            assert [m.name for m in entries["slow"].message.models] == ["sum"]
+            assert list(entries["silent"].message.models) == []
+            assert took < 0.5 + 1.0 + 1.0  # request_timeout + 1 s, and a second for the rest
+    finally:
+        silent.close()
+        await runner.cleanup()
