@@ -7,12 +7,11 @@ import hashlib
 import json
 import random
 import re
+import types
 
 import aiohttp
 import pytest
 
-from meshproxy.app import ProxyApp
-from meshproxy.config import load_text
 from meshproxy.ingress.http import SEEN_HEADS
 from tests.integration.harness import eventually, proxy, raw, runtimes, statuses
 
@@ -227,6 +226,20 @@ async def test_idle_keep_alive_connections_are_closed_after_idle_timeout():
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def proxy_in_front(serve, model: str = "m", routes: str = ""):
+    """A started proxy whose one runtime, `rec` holding `model`, is
+    `asyncio.start_server(serve)` on a free port; `routes` is one route in YAML flow style."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    rt = types.SimpleNamespace(name="rec", http_port=server.sockets[0].getsockname()[1],
+                               loaded_models=lambda: [model])
+    try:
+        async with proxy([rt], routes=f"- {routes}\n" if routes else "") as app:
+            yield app
+    finally:
+        server.close()
+
+
 async def test_runtime_answering_before_the_body_ends_gets_connection_close_and_a_clean_read():
     async def early(reader, writer):  # answers as soon as the head is in, reads no body
         await reader.readuntil(b"\r\n\r\n")
@@ -234,14 +247,7 @@ async def test_runtime_answering_before_the_body_ends_gets_connection_close_and_
         await writer.drain()
         await reader.read(1)  # hold the connection open until the proxy drops it
 
-    server = await asyncio.start_server(early, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
-            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: early, "
-            f"http_address: '127.0.0.1:{port}', models: [{{name: sum}}]}}]}}\n")
-    app = ProxyApp(load_text(text))
-    await app.start()
-    try:
+    async with proxy_in_front(early, "sum") as app:
         reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
         writer.write(b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: a\r\n"
                      b"Content-Length: 600000\r\n\r\n" + b"x" * 100_000)
@@ -251,9 +257,6 @@ async def test_runtime_answering_before_the_body_ends_gets_connection_close_and_
             writer.write(b"y" * 500_000)  # the rest of the body: read and dropped, then close
             assert await reader.read() == b""
         writer.close()
-    finally:
-        await app.stop()
-        server.close()
     assert statuses(head) == [413] and b"connection: close" in head.lower()
 
 
@@ -345,18 +348,11 @@ async def test_heads_seen_before_are_framed_by_content_length_across_reads_and_p
                          b"content-length: %d\r\n\r\n" % len(answer) + answer)
             await writer.drain()
 
-    server = await asyncio.start_server(runtime, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
-            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
-            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
     body_a, body_b = bytes(range(256)) * 40, b"b" * 777
     a, b = infer_request(b"m", body_a), infer_request(b"m", body_b)
     ready = b"GET /v2/models/m/ready HTTP/1.1\r\nHost: x\r\n\r\n"
     last = infer_request(b"m", body_b, b"Connection: close\r\n")
-    app = ProxyApp(load_text(text))
-    await app.start()
-    try:
+    async with proxy_in_front(runtime) as app:
         reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
         async with asyncio.timeout(10):
             writer.write(a)  # read by llhttp; its head is known from now on
@@ -368,9 +364,6 @@ async def test_heads_seen_before_are_framed_by_content_length_across_reads_and_p
             writer.write(a[20:] + last)
             rest = await reader.read(-1)
         writer.close()
-    finally:
-        await app.stop()
-        server.close()
     answers = framed(first + rest)
     sent = [body_a, body_a, body_a, body_b, b"", b"", body_a, body_b]
     assert [status for status, _, _ in answers] == [200] * len(sent)
@@ -400,19 +393,8 @@ async def scripted_runtime(answer, routes: str = ""):
                 return
             await writer.drain()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
-            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
-            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]"
-            + (f", routes: [{routes}]" if routes else "") + "}\n")
-    app = ProxyApp(load_text(text))
-    await app.start()
-    try:
+    async with proxy_in_front(serve, routes=routes) as app:
         yield app, connections
-    finally:
-        await app.stop()
-        server.close()
 
 
 async def _read_body(reader, head: bytes) -> bytes:
@@ -514,6 +496,20 @@ def _cut(data: bytes, rng: random.Random, most: int) -> list[bytes]:
     return pieces
 
 
+async def _send_cut(port: int, stream: bytes, rng: random.Random, sizes) -> bytes:
+    """Write `stream` to the proxy in pieces of at most one of `sizes` bytes, each read on its
+    own; all it answers until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async with asyncio.timeout(20):
+        for piece in _cut(stream, rng, rng.choice(sizes)):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0)  # let the proxy (same loop) read each piece on its own
+        reply = await reader.read(-1)
+    writer.close()
+    return reply
+
+
 def _chunked(body: bytes, rng: random.Random) -> bytes:
     return (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in _cut(body, rng, 900)) + b"0\r\n\r\n")
@@ -559,14 +555,7 @@ async def test_requests_and_answers_cut_at_any_byte_arrive_whole_and_in_order(se
             stream += infer_request(b"m", body, extra + close)
             sent.append((200, "/v2/models/m/infer", body))
     async with scripted_runtime(answer) as (app, _):
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
-        async with asyncio.timeout(20):
-            for piece in _cut(stream, rng, rng.choice((5, 60, 700))):
-                writer.write(piece)
-                await writer.drain()
-                await asyncio.sleep(0)
-            reply = await reader.read(-1)
-        writer.close()
+        reply = await _send_cut(app.http_port, stream, rng, (5, 60, 700))
     answers = framed(re.sub(rb"HTTP/1.1 100 Continue\r\n\r\n", b"", reply))
     assert [status for status, _, _ in answers] == [status for status, _, _ in sent]
     assert [(a["path"], a["length"], a["digest"]) if status == 200 else "nope" in a["error"]
@@ -653,14 +642,7 @@ async def test_retried_tries_of_pipelined_requests_replay_the_whole_body(seed):
         sent.append((503 if case == "503-always" else 200, n, hashlib.sha256(body).hexdigest()))
     routes = "{model: m, retry_policy: {retry_on: '5xx,reset', num_retries: 2}}"
     async with scripted_runtime(answer, routes) as (app, _):
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
-        async with asyncio.timeout(20):
-            for piece in _cut(stream, rng, rng.choice((50, 700, 4000))):
-                writer.write(piece)
-                await writer.drain()
-                await asyncio.sleep(0)
-            reply = await reader.read(-1)
-        writer.close()
+        reply = await _send_cut(app.http_port, stream, rng, (50, 700, 4000))
     assert [(status, a["n"], a["digest"]) for status, _, a in framed(reply)] == sent
     assert [tries[n] for n in range(20)] == [{"ok": 1, "503-always": 3}.get(c, 2) for c in cases]
 
@@ -846,13 +828,6 @@ async def test_a_runtime_or_client_that_stops_reading_holds_back_the_other_side(
         while await reader.readuntil(b"\r\n\r\n"):  # more requests on this connection
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nmore")
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    text = ("listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
-            "admin: {address: '127.0.0.1:0'}\nstatic_resources: {runtimes: [{name: rec, "
-            f"http_address: '127.0.0.1:{port}', models: [{{name: m}}]}}]}}\n")
-    app = ProxyApp(load_text(text))
-    await app.start()
     written = {"n": 0}
 
     async def send():
@@ -869,7 +844,7 @@ async def test_a_runtime_or_client_that_stops_reading_holds_back_the_other_side(
         return sum(c.transport.get_write_buffer_size() for c in conns) + sum(
             u.transport.get_write_buffer_size() for u in ups)
 
-    try:
+    async with proxy_in_front(serve) as app:
         reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
         sending = asyncio.ensure_future(send())
         with pytest.raises(TimeoutError):  # the runtime is not reading: the client is held
@@ -895,6 +870,3 @@ async def test_a_runtime_or_client_that_stops_reading_holds_back_the_other_side(
                 writer.write(b"GET /v2/models/m/ready HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert (await reader.readuntil(b"more")).endswith(b"\r\n\r\nmore")
         writer.close()
-    finally:
-        await app.stop()
-        server.close()
