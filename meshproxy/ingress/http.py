@@ -292,6 +292,8 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self.cur
         ex.head_done = True
+        if ex.url[:1] != b"/" and b"://" in ex.url[:10]:
+            ex.url = _origin_form(ex.url)
         ex.method = self.parser.get_method()
         ex.keep_alive = self.parser.should_keep_alive()
         limit = self.ctx.settings.max_request_headers_bytes
@@ -598,6 +600,16 @@ class HttpConnection(asyncio.Protocol):
         for ex in self.queue:
             ex.abort_upstream()
         self.transport.abort()
+
+
+def _origin_form(url: bytes) -> bytes:
+    """The path and query of an absolute-form target (`http://host/v2/models/m/infer`, as a
+    client sends through a configured HTTP proxy). RFC 9112 section 3.2.2 says servers must
+    accept it; like Envoy, the proxy routes on its path and sends the runtime that path."""
+    rest = url.split(b"://", 1)[1]
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path[:1] == b"/" else b"/" + path
 
 
 def _parser_reason(e: Exception) -> str:

@@ -870,3 +870,21 @@ async def test_a_runtime_or_client_that_stops_reading_holds_back_the_other_side(
                 writer.write(b"GET /v2/models/m/ready HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert (await reader.readuntil(b"more")).endswith(b"\r\n\r\nmore")
         writer.close()
+
+
+async def test_a_client_sending_through_an_http_proxy_setting_is_routed_by_the_path():
+    # A client told to use meshproxy as its HTTP proxy (HTTP_PROXY, aiohttp's proxy=) sends the
+    # absolute form, `POST http://host/v2/models/sum/infer`. Servers must accept it (RFC 9112
+    # section 3.2.2): it is routed by its path, and the runtime gets the path alone.
+    seen = []
+
+    async def answer(request, writer, body):
+        seen.append(request.split(b" ")[1])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+    async with scripted_runtime(answer) as (app, _), aiohttp.ClientSession() as s:
+        for target in ("http://models.example/v2/models/m/infer?x=1",
+                       "http://models.example:8080/v2/models/m/ready"):
+            async with s.post(target, data=b"{}", proxy=f"http://127.0.0.1:{app.http_port}") as r:
+                assert (r.status, r.headers["x-meshproxy-upstream"]) == (200, "rec")
+    assert seen == [b"/v2/models/m/infer?x=1", b"/v2/models/m/ready"]
