@@ -91,6 +91,13 @@ class HeadersTooLarge(ProxyError):
     status, grpc_code, close = 431, "RESOURCE_EXHAUSTED", True
 
 
+class UnsupportedCoding(ProxyError):
+    """A request body in a transfer coding other than chunked (gzip, deflate, ...): it cannot
+    be relayed without changing what the runtime reads (RFC 9112 section 6.1)."""
+
+    status, grpc_code, close = 501, "UNIMPLEMENTED", True
+
+
 class Unimplemented(ProxyError):
     """A method of the served API that the proxy does not carry (gRPC)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from meshproxy.errors import BadRequest, BodyTooLarge, MalformedRequest
+from meshproxy.errors import BadRequest, BodyTooLarge, MalformedRequest, UnsupportedCoding
 
 # Not forwarded: they describe this hop, or the proxy answers them itself (Expect).
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
@@ -74,6 +74,9 @@ def scan(headers, kinds: dict[bytes, int], max_body: int) -> RequestHead:
         elif kind == _XFF:
             xff = value if xff is None else xff + b", " + value
         elif kind == _TE:
+            if value.strip().lower() != b"chunked":  # llhttp made sure chunked comes last
+                raise UnsupportedCoding(f"transfer coding {value.decode('latin-1')!r} is not "
+                                        "supported: send the body chunked or by Content-Length")
             chunked = True
         elif kind == _CONNECTION:
             tokens = tokens + tuple(t.strip() for t in value.lower().split(b","))

@@ -125,6 +125,16 @@ async def test_malformed_requests_get_400_and_close(name, request_bytes):
         assert reply.endswith(b"}") and b"connection: close" in reply  # closed, not left open
 
 
+async def test_a_body_in_a_transfer_coding_other_than_chunked_gets_501_and_never_reaches_the_runtime():
+    # Relaying `Transfer-Encoding: gzip, chunked` as plain chunked would hand the runtime
+    # compressed bytes as if they were the body (RFC 9112 section 6.1: answer 501).
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, BASE + b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+                          b"2\r\nab\r\n0\r\n\r\n")
+        assert statuses(reply) == [501] and b"gzip" in reply and b"connection: close" in reply
+        assert p.ctx.snapshot.endpoints["r1"].total == 0
+
+
 async def test_valid_request_followed_by_garbage_still_gets_its_answer():
     async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
         reply = await raw(p.http_port, b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: a\r\n\r\n"
