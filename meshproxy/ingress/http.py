@@ -614,6 +614,9 @@ def _origin_form(url: bytes) -> bytes:
 
 def _parser_reason(e: Exception) -> str:
     text = str(e) or type(e).__name__
+    if "PRI" in text:  # llhttp stops at the HTTP/2 preface: an h2 or gRPC client on this port
+        return ("an HTTP/2 connection preface: this port serves HTTP/1.1; send gRPC to the "
+                "gRPC listener (listeners.grpc_address)")
     return text.replace("HPE_", "").lower() if text.startswith("HPE_") else text
 
 

@@ -135,6 +135,12 @@ async def test_a_body_in_a_transfer_coding_other_than_chunked_gets_501_and_never
         assert p.ctx.snapshot.endpoints["r1"].total == 0
 
 
+async def test_a_grpc_client_on_the_rest_port_is_told_where_grpc_goes():
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        reply = await raw(p.http_port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        assert statuses(reply) == [400] and b"listeners.grpc_address" in reply
+
+
 async def test_valid_request_followed_by_garbage_still_gets_its_answer():
     async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
         reply = await raw(p.http_port, b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: a\r\n\r\n"
