@@ -21,8 +21,7 @@ from aiohttp import web
 
 from meshproxy import __version__
 from meshproxy.devtools.grpc_service import start_server
-from meshproxy.devtools.options import (RuntimeOptions, add_arguments,  # noqa: F401 (re-exported)
-                                        options_from_args)
+from meshproxy.devtools.options import RuntimeOptions
 from meshproxy.devtools.models import (LOADING, PLATFORM, READY, BadInput, DevError, InferRequest,
                                        InferResponse, InjectedFailure, LoadAborted, Repository,
                                        Tensor, run_infer)

@@ -165,7 +165,8 @@ class HttpConnection(asyncio.Protocol):
         that can now never end, the transport closes at once."""
         if self.closed or not self.queue or self.cur is not None or self.body_left:
             return False
-        self.queue[-1].close_after = True
+        if self.fatal is None:  # else the error for the bytes after them closes it, once sent
+            self.queue[-1].close_after = True
         return True
 
     def data_received(self, data: bytes) -> None:
@@ -614,7 +615,7 @@ def _origin_form(url: bytes) -> bytes:
 
 def _parser_reason(e: Exception) -> str:
     text = str(e) or type(e).__name__
-    if "PRI" in text:  # llhttp stops at the HTTP/2 preface: an h2 or gRPC client on this port
+    if text.startswith("Pause on PRI"):  # llhttp met the HTTP/2 preface: an h2 or gRPC client
         return ("an HTTP/2 connection preface: this port serves HTTP/1.1; send gRPC to the "
                 "gRPC listener (listeners.grpc_address)")
     return text.replace("HPE_", "").lower() if text.startswith("HPE_") else text

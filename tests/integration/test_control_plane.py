@@ -213,7 +213,8 @@ async def test_control_plane_killed_under_load_fails_no_request_and_proxies_resy
                 stop.set()
                 await asyncio.gather(*drivers)
         assert len(results) > 100
-        assert set(results) == {200}, f"{len(results) - results.count(200)} failed: {collections.Counter(results)}"
+        assert set(results) == {200}, \
+            f"{len(results) - results.count(200)} failed: {collections.Counter(results)}"
 
 
 @pytest.mark.parametrize("protocol", ["DELTA", "STATE_OF_THE_WORLD"])

@@ -16,8 +16,8 @@ import pytest
 
 from meshproxy._proto.inference import grpc_service_pb2 as pb
 from meshproxy._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from meshproxy.devtools.runtime import (DevRuntime, RuntimeOptions, add_arguments,
-                                        options_from_args, serve)
+from meshproxy.devtools.options import RuntimeOptions, add_arguments, options_from_args
+from meshproxy.devtools.runtime import DevRuntime, serve
 
 pytestmark = pytest.mark.timeout(20)
 

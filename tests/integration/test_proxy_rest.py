@@ -787,8 +787,9 @@ async def test_a_client_that_half_closes_after_its_requests_still_gets_every_ans
     # fortio -halfclose, BusyBox wget and `printf ... | nc -N` send their request(s), then shut
     # their side (FIN). That does not end a request or the client's interest in the answer
     # (RFC 9112 9.6): the runtime is slower than the FIN, and every request sent whole is
-    # answered, the last saying connection: close, before the proxy closes. A request cut
-    # short by the FIN can never end: the connection closes without an answer.
+    # answered, the last saying connection: close, before the proxy closes; bytes after them
+    # that are not HTTP still get their 400. A request cut short by the FIN can never end: the
+    # connection closes without an answer.
     body = json.dumps(SUM_BODY).encode()
     request = infer_request(b"sum", body)
     async with runtimes(("r1", ["sum"]), latency_ms=100) as rts, proxy(rts) as p:
@@ -801,13 +802,15 @@ async def test_a_client_that_half_closes_after_its_requests_still_gets_every_ans
             writer.close()
             return reply
 
-        one, two, cut = await asyncio.gather(half_closed(request), half_closed(request * 2),
-                                             half_closed(request[:-5]))
+        one, two, cut, bad = await asyncio.gather(
+            half_closed(request), half_closed(request * 2), half_closed(request[:-5]),
+            half_closed(request + b"\x16\x03\x01garbage\r\n\r\n"))
         assert statuses(one) == [200] and one.count(b"connection: close\r\n") == 1
         answers = framed(two)
         assert [a["outputs"][0]["data"] for _, _, a in answers] == [[6], [6]]
         assert [b"connection: close" in head for _, head, _ in answers] == [False, True]
         assert cut == b""
+        assert statuses(bad) == [200, 400]  # the garbage's 400 still goes out before closing
         await eventually(lambda: not p.ctx.connections)
 
 
