@@ -324,9 +324,9 @@ async def test_serve_calls_ready_and_stops_when_cancelled():
 
 
 def test_cli_prints_the_listening_line_and_exits_on_sigterm():
-    script = ("import argparse, asyncio, sys; from meshproxy.devtools import runtime as r; "
-              "p = argparse.ArgumentParser(); r.add_arguments(p); "
-              "asyncio.run(r.serve(r.options_from_args(p.parse_args(sys.argv[1:]))))")
+    script = ("import argparse, asyncio, sys; from meshproxy.devtools import options as o, "
+              "runtime as r; p = argparse.ArgumentParser(); o.add_arguments(p); "
+              "asyncio.run(r.serve(o.options_from_args(p.parse_args(sys.argv[1:]))))")
     args = ["--name", "cli", "--models", "sum,bert", "--http-port", "0", "--grpc-port", "0"]
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
                             text=True)
