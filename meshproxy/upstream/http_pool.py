@@ -285,7 +285,14 @@ class HttpPool:
                 f"cannot connect to runtime {self.name} ({self.host}:{self.port}): "
                 f"{e.strerror or e}", kind="connect-failure"), False)
         else:
-            sink.upstream_ready(conn)
+            if conn.transport.is_closing():
+                # Lost in the loop turns between the handshake and this task resuming (a runtime
+                # killed or resetting as it accepts): connection_lost found no sink to tell.
+                sink.upstream_failed(UpstreamFailure(
+                    f"runtime {self.name} ({self.host}:{self.port}) closed the connection as "
+                    f"soon as it was opened"), False)
+            else:
+                sink.upstream_ready(conn)
         finally:
             self.connecting -= 1
 
