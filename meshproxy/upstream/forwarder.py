@@ -77,6 +77,7 @@ class Exchange:
     def send_try(self, endpoint, now: float) -> None:
         limits, pool = endpoint.limits, endpoint.pool
         self.endpoint = endpoint
+        self.swallow = False  # whatever an earlier try's 5xx was, this try's answer is relayed
         per_try = self.target.retry.per_try_timeout
         if per_try:
             self.try_deadline = now + per_try
@@ -254,11 +255,14 @@ class Exchange:
             return  # already answered here (a timeout): nothing is waiting
         self.end_try(err.kind or "error")
         self.conn.ctx.outlier_failure(self.endpoint, 0)
+        if self.swallow:  # a retriable 5xx broke off before its end: nothing of it was relayed
+            reason, self.swallow = self.swallow, False
+            self.schedule_retry(reason)
+            return
         if response_started or self.started:
             self.response_done = True
             self.conn.abort()  # half a response cannot be mended
             return
-        self.swallow = False
         reason = self.target.retry.on_failure(err.kind)
         if reason is not None and self.can_retry():
             self.schedule_retry(reason)

@@ -706,6 +706,40 @@ async def test_retried_tries_of_pipelined_requests_replay_the_whole_body(seed):
     assert [tries[n] for n in range(20)] == [{"ok": 1, "503-always": 3}.get(c, 2) for c in cases]
 
 
+async def test_a_retried_5xx_that_breaks_off_or_stalls_mid_body_is_retried_and_the_next_answer_comes_whole():
+    # The proxy reads a retriable 5xx to its end before retrying (so the connection can be
+    # kept), relaying nothing of it. Each request's first try gets a 503 whose body breaks off
+    # (the connection drops), its second a 503 whose body stalls past the per-try timeout, its
+    # third the answer. Before: the client's connection was reset after the first, and after
+    # the second the answer's body was swallowed like the 503's.
+    tries = collections.Counter()
+
+    async def answer(request, writer, body):
+        n = json.loads(body)["n"]
+        tries[n] += 1
+        if tries[n] < 3:
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\nbusy")
+            await writer.drain()
+            if tries[n] == 2:
+                await asyncio.sleep(1)  # the rest of the body never comes in the per-try timeout
+            writer.close()
+            return
+        reply = json.dumps({"n": n, "digest": hashlib.sha256(body).hexdigest()}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(reply), reply))
+
+    routes = ("{model: m, retry_policy: {retry_on: '5xx,reset', num_retries: 2, "
+              "per_try_timeout: 0.3s}}")
+    async with scripted_runtime(answer, routes) as (app, _):
+        url = f"http://127.0.0.1:{app.http_port}/v2/models/m/infer"
+        async with aiohttp.ClientSession() as s:
+            for n in range(3):
+                body = json.dumps({"n": n}).encode()
+                async with s.post(url, data=body) as resp:
+                    got = (resp.status, await resp.json(content_type=None))
+                assert got == (200, {"n": n, "digest": hashlib.sha256(body).hexdigest()})
+    assert tries == {0: 3, 1: 3, 2: 3}
+
+
 @pytest.mark.parametrize("seed", range(3))
 async def test_under_concurrent_failures_every_request_is_answered_and_nothing_leaks(seed):
     # Eight clients at once against a runtime that answers, answers late, answers 503, drops
