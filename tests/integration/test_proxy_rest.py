@@ -743,16 +743,25 @@ async def test_a_retried_5xx_that_breaks_off_or_stalls_mid_body_is_retried_and_t
 @pytest.mark.parametrize("seed", range(3))
 async def test_under_concurrent_failures_every_request_is_answered_and_nothing_leaks(seed):
     # Eight clients at once against a runtime that answers, answers late, answers 503, drops
-    # the connection unanswered, drops it halfway through the body, or never answers (the
-    # per-try timeout ends that try); some clients hang up mid-request. Every request a client
+    # the connection unanswered, drops it halfway through the body, never answers (the
+    # per-try timeout ends that try), or starts a 503 whose body breaks off or stalls; some
+    # clients hang up mid-request. Every request a client
     # waits for gets an answer whose body is whole, or, when the runtime dropped a response
     # already under way, a connection reset the client notices; once it is over the proxy holds nothing:
     # no request counted active on the endpoint, none in the retry budget, no client connection.
     rng = random.Random(seed)
 
     async def answer(request, writer, body):
-        case = rng.choice(["ok", "ok", "ok", "late", "503", "drop", "half", "silent"])
+        case = rng.choice(["ok", "ok", "ok", "late", "503", "drop", "half", "silent",
+                           "503-half", "503-stall"])
         reply = json.dumps({"digest": hashlib.sha256(body).hexdigest()}).encode()
+        if case.startswith("503-"):  # a 503 whose body breaks off, or stalls past the try
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 50\r\n\r\nbusy")
+            await writer.drain()
+            if case == "503-stall":
+                await asyncio.sleep(1)
+            writer.close()
+            return
         if case in ("drop", "half"):
             if case == "half":
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(reply)
