@@ -993,3 +993,24 @@ async def test_a_client_sending_through_an_http_proxy_setting_is_routed_by_the_p
             async with s.post(target, data=b"{}", proxy=f"http://127.0.0.1:{app.http_port}") as r:
                 assert (r.status, r.headers["x-meshproxy-upstream"]) == (200, "rec")
     assert seen == [b"/v2/models/m/infer?x=1", b"/v2/models/m/ready"]
+
+
+async def test_response_trailers_reach_the_client_and_request_trailers_stop_at_the_proxy():
+    received = []
+
+    async def serve(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        chunks = await reader.readuntil(b"\r\n0\r\n")
+        received.append((head, chunks, await reader.readuntil(b"\r\n")))  # trailers, if any
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n")
+        await writer.drain()
+
+    async with proxy_in_front(serve) as app:
+        reply = await raw(app.http_port, b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"3\r\n{}\n\r\n0\r\nx-request-checksum: def\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert reply.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n")
+    [(head, chunks, trailers)] = received
+    assert chunks == b"3\r\n{}\n\r\n0\r\n" and trailers == b"\r\n"
