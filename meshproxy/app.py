@@ -69,7 +69,8 @@ class ProxyApp:
     def _attach_pool(self, endpoint) -> None:
         s = self.config.http
         endpoint.pool = HttpPool(endpoint.name, endpoint.host, endpoint.port,
-                                 s.connect_timeout, s.max_idle_connections)
+                                 s.connect_timeout, s.max_idle_connections,
+                                 s.upstream_idle_timeout)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -43,6 +43,7 @@ class HttpSettings:
     connect_timeout: float
     upstream_header: bool
     max_idle_connections: int
+    upstream_idle_timeout: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +191,7 @@ def _http_settings(h: bootstrap_pb2.HttpOptions) -> HttpSettings:
         upstream_header=h.upstream_header.value if h.HasField("upstream_header") else True,
         max_idle_connections=(h.max_idle_connections.value
                               if h.HasField("max_idle_connections") else 64),
+        upstream_idle_timeout=_seconds(h, "upstream_idle_timeout", 4.0, "http."),
     )
 
 

@@ -47,6 +47,7 @@ class HttpContext:
         self.rnd = rnd
         self.header_kinds = headers.header_kinds(settings.model_headers)
         self.now = time.monotonic()  # coarse clock, advanced by the ticker
+        self.next_sweep = self.now  # of the runtime connections idle too long
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self.outlier = OutlierDetector()
@@ -54,11 +55,17 @@ class HttpContext:
         self.access_log = None  # telemetry.access_log.AccessLog when the access log is on
 
     def tick(self) -> None:
-        """Advance the clock, expire what is overdue, return ejected endpoints (every 100 ms)."""
+        """Advance the clock, expire what is overdue, return ejected endpoints (every 100 ms),
+        close runtime connections idle too long (every second)."""
         self.now = now = time.monotonic()
         for conn in [c for c in self.connections if c.deadline <= now]:
             conn.expire()
         self.outlier.sweep(now)
+        if now >= self.next_sweep:
+            self.next_sweep = now + 1.0
+            for endpoint in self.snapshot.endpoints.values():
+                if endpoint.pool is not None and endpoint.pool.idle:
+                    endpoint.pool.sweep(now)
 
     def outlier_failure(self, endpoint, status: int) -> None:
         if self.outlier.failure(endpoint, status, self.now):

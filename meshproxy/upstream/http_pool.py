@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Protocol
 
 import httptools
@@ -37,7 +38,7 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
                  "_in_head", "_done", "_until_close", "_keep_alive", "_no_body", "last_head",
-                 "last_kept", "known_head", "known_length", "_body_left", "paused")
+                 "last_kept", "known_head", "known_length", "_body_left", "paused", "idle_since")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
@@ -50,6 +51,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.known_head = b""
         self.known_length = 0
         self.paused = False  # reading stopped: the client is not taking the response as it comes
+        self.idle_since = 0.0  # time.monotonic() when it went back to the pool
         self._reset()
 
     def _reset(self) -> None:
@@ -244,26 +246,45 @@ def _no_framing(head: bytes) -> bool:
 
 
 class HttpPool:
-    """Idle keep-alive connections to one endpoint, newest first out."""
+    """Idle keep-alive connections to one endpoint, newest first out. One idle for
+    `idle_timeout` is closed rather than reused: a runtime closes its own idle connections
+    after its keep-alive timeout, and a request sent as that close is on its way fails."""
 
-    def __init__(self, name: str, host: str, port: int, connect_timeout: float, max_idle: int):
+    def __init__(self, name: str, host: str, port: int, connect_timeout: float, max_idle: int,
+                 idle_timeout: float = 4.0):
         self.name = name
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
-        self.idle: list[UpstreamConnection] = []
+        self.idle_timeout = idle_timeout
+        self.idle: list[UpstreamConnection] = []  # oldest first
         self.connecting = 0
         self.open = 0
         self.closed = False
 
     def acquire(self) -> UpstreamConnection | None:
+        """The newest idle connection, unless it has been idle `idle_timeout`; then every one
+        has, and they are closed."""
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.transport.is_closing():
+            if conn.transport.is_closing():
+                continue
+            now = time.monotonic()
+            if now - conn.idle_since < self.idle_timeout:
                 return conn
+            idle.append(conn)
+            self.sweep(now)
         return None
+
+    def sweep(self, now: float) -> None:
+        """Close the connections idle for `idle_timeout` by `now` (a time.monotonic() reading)."""
+        idle, stale = self.idle, 0
+        while stale < len(idle) and now - idle[stale].idle_since >= self.idle_timeout:
+            idle[stale].transport.close()
+            stale += 1
+        del idle[:stale]
 
     def connect(self, sink: ResponseSink) -> None:
         """Open a new connection for `sink`; it hears upstream_ready or upstream_failed."""
@@ -300,6 +321,7 @@ class HttpPool:
         if self.closed or len(self.idle) >= self.max_idle or conn.transport.is_closing():
             conn.transport.close()
         else:
+            conn.idle_since = time.monotonic()
             self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

@@ -286,17 +286,48 @@ async def test_idle_keep_alive_connections_are_closed_after_idle_timeout():
 
 
 @contextlib.asynccontextmanager
-async def proxy_in_front(serve, model: str = "m", routes: str = ""):
+async def proxy_in_front(serve, model: str = "m", routes: str = "", extra: str = ""):
     """A started proxy whose one runtime, `rec` holding `model`, is
-    `asyncio.start_server(serve)` on a free port; `routes` is one route in YAML flow style."""
+    `asyncio.start_server(serve)` on a free port; `routes` is one route in YAML flow style,
+    `extra` more top-level config."""
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     rt = types.SimpleNamespace(name="rec", http_port=server.sockets[0].getsockname()[1],
                                loaded_models=lambda: [model])
     try:
-        async with proxy([rt], routes=f"- {routes}\n" if routes else "") as app:
+        async with proxy([rt], extra=extra, routes=f"- {routes}\n" if routes else "") as app:
             yield app
     finally:
         server.close()
+
+
+async def test_a_runtime_connection_idle_for_upstream_idle_timeout_is_closed_by_the_proxy():
+    # A runtime closes its idle keep-alive connections after its own timeout (uvicorn, under
+    # KServe and MLServer: 5 s), and a request sent on one as that close is on its way fails.
+    # The proxy closes them first, after http.upstream_idle_timeout (4 s unless set). This
+    # runtime never closes them: the close it sees is the proxy's.
+    accepted, ended = [], []
+
+    async def serve(reader, writer):
+        accepted.append(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                ended.append(writer)
+                return
+            await _read_body(reader, head)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+    async with proxy_in_front(serve, extra="http: {upstream_idle_timeout: 0.3s}\n") as app:
+        url = f"http://127.0.0.1:{app.http_port}/v2/models/m/infer"
+        async with aiohttp.ClientSession() as s:
+            assert [(await post(s, url))[0] for _ in range(2)] == [200, 200]
+            assert len(accepted) == 1  # kept alive and reused while in use
+            loop = asyncio.get_running_loop()
+            idle_from = loop.time()
+            await eventually(lambda: ended == accepted, timeout=5)
+            assert loop.time() - idle_from >= 0.3
+            assert (await post(s, url))[0] == 200 and len(accepted) == 2
 
 
 async def test_runtime_answering_before_the_body_ends_gets_connection_close_and_a_clean_read():

@@ -60,7 +60,7 @@ def connected():
     up_t = Transport()
     up.connection_made(up_t)
     up_t.protocol = up
-    pool.idle.append(up)
+    pool.release(up)
     client = HttpConnection(app.ctx)
     client_t = Transport()
     client.connection_made(client_t)

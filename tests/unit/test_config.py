@@ -23,6 +23,8 @@ def test_a_good_file_is_typed():
     assert c.http.model_headers == (b"model", b"x-model")
     assert c.http.request_timeout == 2.5 and c.http.max_request_body_bytes == 64 * 1024 * 1024
     assert c.runtimes[0].weight.value == 3 and c.routes[0].timeout.seconds == 1
+    assert c.http.upstream_idle_timeout == 4.0  # below uvicorn's 5 s keep-alive
+    assert load_text("http: {upstream_idle_timeout: 30s}").http.upstream_idle_timeout == 30.0
 
 
 @pytest.mark.parametrize("text, path", [
@@ -38,6 +40,7 @@ def test_a_good_file_is_typed():
      "static_resources.runtimes[0].weight"),
     ("http: {model_headers: ['bad header']}", "http.model_headers[0]"),
     ("http: {request_timeout: 'soon'}", "request_timeout"),
+    ("http: {upstream_idle_timeout: 0s}", "http.upstream_idle_timeout"),
     ("- just\n- a list", "top level"),
     ("a: [unclosed", "not valid YAML"),
 ])

@@ -35,7 +35,7 @@ class Admin(_message.Message):
     def __init__(self, address: _Optional[str] = ...) -> None: ...
 
 class HttpOptions(_message.Message):
-    __slots__ = ("model_headers", "max_request_headers_bytes", "max_request_body_bytes", "header_read_timeout", "idle_timeout", "request_timeout", "upstream_header", "connect_timeout", "max_idle_connections")
+    __slots__ = ("model_headers", "max_request_headers_bytes", "max_request_body_bytes", "header_read_timeout", "idle_timeout", "request_timeout", "upstream_header", "connect_timeout", "max_idle_connections", "upstream_idle_timeout")
     MODEL_HEADERS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_HEADERS_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class HttpOptions(_message.Message):
     UPSTREAM_HEADER_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     MAX_IDLE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     model_headers: _containers.RepeatedScalarFieldContainer[str]
     max_request_headers_bytes: _wrappers_pb2.UInt32Value
     max_request_body_bytes: _wrappers_pb2.UInt64Value
@@ -54,7 +55,8 @@ class HttpOptions(_message.Message):
     upstream_header: _wrappers_pb2.BoolValue
     connect_timeout: _duration_pb2.Duration
     max_idle_connections: _wrappers_pb2.UInt32Value
-    def __init__(self, model_headers: _Optional[_Iterable[str]] = ..., max_request_headers_bytes: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., max_request_body_bytes: _Optional[_Union[_wrappers_pb2.UInt64Value, _Mapping]] = ..., header_read_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., upstream_header: _Optional[_Union[_wrappers_pb2.BoolValue, _Mapping]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_idle_connections: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ...) -> None: ...
+    upstream_idle_timeout: _duration_pb2.Duration
+    def __init__(self, model_headers: _Optional[_Iterable[str]] = ..., max_request_headers_bytes: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., max_request_body_bytes: _Optional[_Union[_wrappers_pb2.UInt64Value, _Mapping]] = ..., header_read_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., upstream_header: _Optional[_Union[_wrappers_pb2.BoolValue, _Mapping]] = ..., connect_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_idle_connections: _Optional[_Union[_wrappers_pb2.UInt32Value, _Mapping]] = ..., upstream_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class StaticResources(_message.Message):
     __slots__ = ("runtimes", "routes")
