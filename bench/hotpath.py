@@ -104,7 +104,7 @@ def setup(models: int = 1):
     endpoint = app.registry.endpoints["upstream"]
     up = UpstreamConnection(endpoint.pool)
     up.connection_made(MemoryTransport())
-    endpoint.pool.idle.append(up)
+    endpoint.pool.release(up)
     client = HttpConnection(app.ctx)
     client.connection_made(MemoryTransport())
     return client, up
