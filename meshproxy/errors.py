@@ -9,7 +9,7 @@ import math
 _REASONS = {
     400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout", 413: b"Payload Too Large", 426: b"Upgrade Required",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 
 
@@ -96,6 +96,13 @@ class UnsupportedCoding(ProxyError):
     be relayed without changing what the runtime reads (RFC 9112 section 6.1)."""
 
     status, grpc_code, close = 501, "UNIMPLEMENTED", True
+
+
+class InternalError(ProxyError):
+    """A bug in meshproxy met while reading a request (logged with its traceback): the
+    connection's state cannot be trusted any more, so it is answered and closed."""
+
+    status, grpc_code, close = 500, "INTERNAL", True
 
 
 class Unimplemented(ProxyError):

@@ -16,6 +16,7 @@ def pytest_asyncio_loop_factories(config, item):
 
 
 import gc  # noqa: E402
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -46,6 +47,17 @@ def _record(loop, context):
     loop.default_exception_handler(context)
 
 
+class _InternalErrors(logging.Handler):
+    """Records the REST listener's "internal error" log lines: a bug it answered with a 500."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR and record.exc_info:
+            LOOP_ERRORS.append({"message": record.getMessage(), "exception": record.exc_info[1]})
+
+
+logging.getLogger("meshproxy.ingress.http").addHandler(_InternalErrors())
+
+
 def _new_loop():
     loop = uvloop.new_event_loop()
     loop.set_exception_handler(_record)
@@ -60,9 +72,9 @@ def _reported() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_unhandled_errors_in_meshproxy_callbacks():
-    """Fail a test in which meshproxy's code raised in a loop callback and nothing handled it:
-    a request can hang on such a bug (found: a connect task raising, which left its request
-    waiting out the route timeout)."""
+    """Fail a test in which meshproxy's code raised in a loop callback and nothing handled it
+    (a request can hang on such a bug; found: a connect task raising, which left its request
+    waiting out the route timeout), or the REST listener answered a bug of its own with a 500."""
     LOOP_ERRORS.clear()
     yield
     errors = _reported()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from typing import Callable
 
@@ -23,14 +24,16 @@ import httptools
 
 from meshproxy import model_name
 from meshproxy.cluster.outlier import OutlierDetector
-from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, MalformedRequest,
-                              NoHealthyUpstream, Overloaded, ProxyError, RequestTimeout,
-                              UpgradeRequired, UpstreamTimeout, render_http)
+from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, InternalError,
+                              MalformedRequest, NoHealthyUpstream, Overloaded, ProxyError,
+                              RequestTimeout, UpgradeRequired, UpstreamTimeout, render_http)
 from meshproxy.ingress import headers
 from meshproxy.routing.split import unit_hash
 from meshproxy.telemetry import metrics
 from meshproxy.upstream import mirror
 from meshproxy.upstream.forwarder import NEVER, Exchange
+
+log = logging.getLogger(__name__)
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PAUSE_OUTBOX = 1 << 20  # stop reading the client while this much waits for an upstream
@@ -189,8 +192,7 @@ class HttpConnection(asyncio.Protocol):
             self._upgrade_ignored(data[e.args[0]:])
         except httptools.HttpParserCallbackError as e:
             if not self.closed and self.fatal is None:
-                self.protocol_error(e.__context__ if isinstance(e.__context__, ProxyError)
-                                    else MalformedRequest(f"invalid HTTP request: {e}"))
+                self.protocol_error(self._callback_error(e.__context__))
         except httptools.HttpParserError as e:
             self.protocol_error(MalformedRequest(f"invalid HTTP request: {_parser_reason(e)}"))
         cur = self.cur
@@ -236,11 +238,22 @@ class HttpConnection(asyncio.Protocol):
                 if left:
                     return b""
                 self.on_message_complete()
-        except ProxyError as err:
+        except Exception as e:  # noqa: BLE001 - a bug here is answered like one in a callback
             if not self.closed and self.fatal is None:
-                self.protocol_error(err)
+                self.protocol_error(self._callback_error(e))
             return b""
         return data
+
+    @staticmethod
+    def _callback_error(cause: BaseException | None) -> ProxyError:
+        """What to answer when one of our llhttp callbacks raised `cause`: a ProxyError says
+        what was wrong with the request; anything else is a bug here, logged, not blamed on
+        the client."""
+        if isinstance(cause, ProxyError):
+            return cause
+        log.error("internal error while reading a request", exc_info=cause)
+        return InternalError(f"internal error in meshproxy ({type(cause).__name__}); "
+                             f"see its log")
 
     def _upgrade_ignored(self, rest: bytes) -> None:
         # llhttp stops after a request asking to upgrade (h2c, websocket). The
@@ -356,6 +369,8 @@ class HttpConnection(asyncio.Protocol):
             self.route(ex)
         except ProxyError as err:
             self.reply_error(ex, err)
+        except Exception as e:  # noqa: BLE001 - a bug: this request gets a 500, not a hang
+            self.reply_error(ex, self._callback_error(e))
 
     def route(self, ex: Exchange) -> None:
         ctx = self.ctx

@@ -1045,3 +1045,37 @@ async def test_response_trailers_reach_the_client_and_request_trailers_stop_at_t
     assert reply.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n")
     [(head, chunks, trailers)] = received
     assert chunks == b"3\r\n{}\n\r\n0\r\n" and trailers == b"\r\n"
+
+
+async def test_a_bug_met_while_routing_a_request_is_a_logged_500_not_a_400_or_a_dropped_connection(
+        monkeypatch, caplog):
+    # Raised by the proxy's own code for a head read by llhttp, for a head seen before on the
+    # connection, and for a pipelined request started when the one before it is answered: the
+    # client is not told its request was malformed, the connection is not dropped unanswered,
+    # the traceback is logged, and the proxy goes on serving.
+    from meshproxy.ingress.http import HttpConnection
+    from tests.conftest import LOOP_ERRORS
+    real_pick, calls = HttpConnection.pick, []
+
+    def pick(self, *args):
+        calls.append(1)
+        if len(calls) in (1, 3, 6):
+            raise RuntimeError("a bug")
+        return real_pick(self, *args)
+
+    monkeypatch.setattr(HttpConnection, "pick", pick)
+    async with runtimes(("r1", ["sum"])) as rts, proxy(rts) as p:
+        url = f"http://127.0.0.1:{p.http_port}/v2/models/sum/infer"
+        async with aiohttp.ClientSession() as s:
+            answers = [await post(s, url) for _ in range(4)]  # the third on a kept-alive one
+        request = infer_request(b"sum", json.dumps(SUM_BODY).encode())
+        pipelined = await raw(p.http_port, request + request)
+    assert [status for status, _, _ in answers] == [500, 200, 500, 200]
+    for status, headers, body in answers:
+        if status == 500:
+            assert headers["connection"] == "close"
+            assert body == {"error": "internal error in meshproxy (RuntimeError); see its log"}
+    assert statuses(pipelined) == [200, 500]
+    assert [r.exc_info[1].args for r in caplog.records if r.exc_info] == [("a bug",)] * 3
+    assert len(LOOP_ERRORS) == 3
+    LOOP_ERRORS.clear()  # seen and expected here
