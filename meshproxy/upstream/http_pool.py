@@ -38,7 +38,8 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
                  "_in_head", "_done", "_until_close", "_keep_alive", "_no_body", "last_head",
-                 "last_kept", "known_head", "known_length", "_body_left", "paused", "idle_since")
+                 "last_kept", "known_head", "known_length", "_body_left", "paused", "idle_since",
+                 "counted")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
@@ -52,6 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.known_length = 0
         self.paused = False  # reading stopped: the client is not taking the response as it comes
         self.idle_since = 0.0  # time.monotonic() when it went back to the pool
+        self.counted = False  # in pool.open: from connection_made until close() or connection_lost
         self._reset()
 
     def _reset(self) -> None:
@@ -86,11 +88,24 @@ class UpstreamConnection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
 
+    def close(self) -> None:
+        """Close it, and stop counting it open at once: connection_lost comes a loop turn or
+        more later, and until then a request must not find the runtime at its connection
+        limit because of a connection that is going away."""
+        self.transport.close()
+        self._uncount()
+
     def abort(self) -> None:
         """Drop the connection (the exchange gave up on it)."""
         self.sink = None
         if self.transport is not None:
             self.transport.abort()
+            self._uncount()
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.pool.open -= 1
 
     # -- llhttp callbacks
     def on_headers_complete(self) -> None:
@@ -106,6 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.pool.open += 1
+        self.counted = True
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -201,17 +217,17 @@ class UpstreamConnection(asyncio.Protocol):
                 self.resume()
             self.pool.release(self)
         else:
-            self.transport.close()
+            self.close()
         sink.response_complete(reusable)
 
     def _fail(self, err: ProxyError) -> None:
-        sink, self.sink = self.sink, None
-        self.transport.abort()
+        sink = self.sink
+        self.abort()
         if sink is not None:
             sink.upstream_failed(err, not self._in_head)
 
     def connection_lost(self, exc) -> None:
-        self.pool.open -= 1
+        self._uncount()
         self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is None:
@@ -274,15 +290,15 @@ class HttpPool:
             now = time.monotonic()
             if now - conn.idle_since < self.idle_timeout:
                 return conn
-            idle.append(conn)
-            self.sweep(now)
+            conn.close()
+            self.sweep(now)  # the older ones
         return None
 
     def sweep(self, now: float) -> None:
         """Close the connections idle for `idle_timeout` by `now` (a time.monotonic() reading)."""
         idle, stale = self.idle, 0
         while stale < len(idle) and now - idle[stale].idle_since >= self.idle_timeout:
-            idle[stale].transport.close()
+            idle[stale].close()
             stale += 1
         del idle[:stale]
 
@@ -319,7 +335,7 @@ class HttpPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed or len(self.idle) >= self.max_idle or conn.transport.is_closing():
-            conn.transport.close()
+            conn.close()
         else:
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
@@ -333,5 +349,5 @@ class HttpPool:
     def close(self) -> None:
         self.closed = True
         for conn in self.idle:
-            conn.transport.close()
+            conn.close()
         self.idle.clear()

@@ -32,9 +32,13 @@ def test_a_connection_idle_for_the_timeout_is_closed_not_handed_out():
     pool, (stale, fresh) = pool_with(10.0, 1.0)
     pool.sweep(time.monotonic())  # the ticker's sweep, once a second
     assert pool.idle == [fresh] and stale.transport.closed and not fresh.transport.closed
+    assert pool.open == 1  # at once: a closing connection does not hold a connection limit
     # Past the timeout before the next sweep: a request opens a new connection instead.
     fresh.idle_since -= 5.0
     assert pool.acquire() is None and fresh.transport.closed and pool.idle == []
+    assert pool.open == 0
+    fresh.connection_lost(None)  # as the transport reports it later: not counted twice
+    assert pool.open == 0
 
 
 def test_idle_time_counts_from_the_last_release():
