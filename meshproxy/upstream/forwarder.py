@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from meshproxy.errors import NoHealthyUpstream, Overloaded, ProxyError, UpstreamTimeout
+from meshproxy.errors import (NoHealthyUpstream, Overloaded, ProxyError, UpstreamFailure,
+                              UpstreamTimeout)
 from meshproxy.telemetry import metrics
 
 NEVER = float("inf")  # a deadline that does not come
@@ -157,6 +158,12 @@ class Exchange:
         conn = self.conn
         if self.response_done or conn.closed or not conn.queue or conn.queue[0] is not self:
             return
+        if self.replay is None:  # the body outgrew the replay buffer after the retry was decided
+            conn.reply_error(self, UpstreamFailure(
+                f"model {self.model!r}: the try on runtime {self.endpoint.name} failed "
+                f"({self.retry_reason}), and the request body outgrew max_buffered_body_bytes "
+                f"before it could be retried", self.model))
+            return
         ctx = conn.ctx
         endpoint = (self.balancer.pick(ctx.rnd, self.endpoint, self.key)
                     or self.balancer.pick(ctx.rnd, None, self.key))
@@ -254,11 +261,11 @@ class Exchange:
         if self.response_done or not self.in_try:
             return  # already answered here (a timeout): nothing is waiting
         self.end_try(err.kind or "error")
-        self.conn.ctx.outlier_failure(self.endpoint, 0)
-        if self.swallow:  # a retriable 5xx broke off before its end: nothing of it was relayed
+        if self.swallow:  # a retriable 5xx (counted already) broke off: nothing of it was relayed
             reason, self.swallow = self.swallow, False
             self.schedule_retry(reason)
             return
+        self.conn.ctx.outlier_failure(self.endpoint, 0)
         if response_started or self.started:
             self.response_done = True
             self.conn.abort()  # half a response cannot be mended
