@@ -191,8 +191,9 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as e:
             self._upgrade_ignored(data[e.args[0]:])
         except httptools.HttpParserCallbackError as e:
+            err = self._callback_error(e.__context__ or e)  # logged even if it goes unanswered
             if not self.closed and self.fatal is None:
-                self.protocol_error(self._callback_error(e.__context__))
+                self.protocol_error(err)
         except httptools.HttpParserError as e:
             self.protocol_error(MalformedRequest(f"invalid HTTP request: {_parser_reason(e)}"))
         cur = self.cur
@@ -239,13 +240,14 @@ class HttpConnection(asyncio.Protocol):
                     return b""
                 self.on_message_complete()
         except Exception as e:  # noqa: BLE001 - a bug here is answered like one in a callback
+            err = self._callback_error(e)
             if not self.closed and self.fatal is None:
-                self.protocol_error(self._callback_error(e))
+                self.protocol_error(err)
             return b""
         return data
 
     @staticmethod
-    def _callback_error(cause: BaseException | None) -> ProxyError:
+    def _callback_error(cause: BaseException) -> ProxyError:
         """What to answer when one of our llhttp callbacks raised `cause`: a ProxyError says
         what was wrong with the request; anything else is a bug here, logged, not blamed on
         the client."""
@@ -358,7 +360,7 @@ class HttpConnection(asyncio.Protocol):
             ex.outbox.append(None)  # the end of the body, framed then
         if ex.mirror is not None:
             mirror.send(ex, self.ctx)
-        if ex.response_done and ex is self.queue[0]:
+        if ex.response_done and self.queue and ex is self.queue[0]:  # (empty: answered, closed)
             self.finish(ex)
 
     # -- the exchange's life

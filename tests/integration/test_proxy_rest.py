@@ -1079,3 +1079,31 @@ async def test_a_bug_met_while_routing_a_request_is_a_logged_500_not_a_400_or_a_
     assert [r.exc_info[1].args for r in caplog.records if r.exc_info] == [("a bug",)] * 3
     assert len(LOOP_ERRORS) == 3
     LOOP_ERRORS.clear()  # seen and expected here
+
+
+async def test_a_retry_decided_before_the_body_outgrew_the_replay_buffer_ends_in_a_502_not_a_hang():
+    # The runtime answers a retriable 503 as soon as the head is in; while the proxy reads that
+    # 503 to its end (to retry), the rest of the request body arrives and is too large to keep
+    # for replay; then the 503 breaks off. The retry cannot be sent: the client gets a 502 that
+    # says why, instead of waiting out the route timeout (the retry raised in its timer).
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\nbusy")
+        await writer.drain()
+        await reader.readexactly(5000)  # all of it came through: the replay copy is gone
+        writer.close()
+
+    routes = ("{model: m, timeout: 10s, retry_policy: {retry_on: '5xx,reset', num_retries: 2, "
+              "max_buffered_body_bytes: 1000}}")
+    async with proxy_in_front(serve, routes=routes) as app:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        writer.write(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                     b"\r\n" + b"a" * 500)
+        await eventually(lambda: any(ex.swallow for c in app.ctx.connections for ex in c.queue))
+        writer.write(b"a" * 4500)
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head)[1]))
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 502 ") and b"max_buffered_body_bytes" in body
+    assert b"(5xx)" in body
