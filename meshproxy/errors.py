@@ -10,6 +10,7 @@ _REASONS = {
     400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout", 413: b"Payload Too Large", 426: b"Upgrade Required",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+    507: b"Insufficient Storage",
 }
 
 
@@ -96,6 +97,13 @@ class UnsupportedCoding(ProxyError):
     be relayed without changing what the runtime reads (RFC 9112 section 6.1)."""
 
     status, grpc_code, close = 501, "UNIMPLEMENTED", True
+
+
+class RetryBufferExceeded(ProxyError):
+    """A retry was due, but the request body outgrew the route's replay buffer before it could
+    be sent (Envoy answers 507 here too)."""
+
+    status, grpc_code = 507, "RESOURCE_EXHAUSTED"
 
 
 class InternalError(ProxyError):

@@ -503,6 +503,8 @@ class HttpConnection(asyncio.Protocol):
         ex.abort_upstream()
         ex.discard = True
         ex.outbox.clear()
+        ex.outbox_size = 0
+        self.resume_client()  # held while body waited for a try: the rest is read and dropped
         self.ctx.metrics.record_local_error(err.status, type(err).__name__)
         if not ex.started:  # a body still arriving is read and dropped, then the next request
             ex.started = True

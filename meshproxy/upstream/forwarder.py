@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from meshproxy.errors import (NoHealthyUpstream, Overloaded, ProxyError, UpstreamFailure,
+from meshproxy.errors import (NoHealthyUpstream, Overloaded, ProxyError, RetryBufferExceeded,
                               UpstreamTimeout)
 from meshproxy.telemetry import metrics
 
@@ -159,10 +159,10 @@ class Exchange:
         if self.response_done or conn.closed or not conn.queue or conn.queue[0] is not self:
             return
         if self.replay is None:  # the body outgrew the replay buffer after the retry was decided
-            conn.reply_error(self, UpstreamFailure(
-                f"model {self.model!r}: the try on runtime {self.endpoint.name} failed "
-                f"({self.retry_reason}), and the request body outgrew max_buffered_body_bytes "
-                f"before it could be retried", self.model))
+            conn.reply_error(self, RetryBufferExceeded(
+                f"model {self.model!r}: the request body outgrew max_buffered_body_bytes "
+                f"before the retry (the try on runtime {self.endpoint.name} failed: "
+                f"{self.retry_reason}) could be sent", self.model))
             return
         ctx = conn.ctx
         endpoint = (self.balancer.pick(ctx.rnd, self.endpoint, self.key)
@@ -190,8 +190,10 @@ class Exchange:
     def try_timed_out(self, now: float) -> None:
         """The per-try timeout passed before the response: retry or give up with 504."""
         self.conn.ctx.metrics.record_attempt_timeout(self.endpoint.name)
+        swallowed = self.swallow  # a 5xx being read to its end: counted already
         self.abort_upstream("timeout")
-        self.conn.ctx.outlier_failure(self.endpoint, 0)
+        if not swallowed:
+            self.conn.ctx.outlier_failure(self.endpoint, 0)
         if self.can_retry():
             self.schedule_retry("per-try-timeout")
             return

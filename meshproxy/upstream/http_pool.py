@@ -91,8 +91,13 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close it, and stop counting it open at once: connection_lost comes a loop turn or
         more later, and until then a request must not find the runtime at its connection
-        limit because of a connection that is going away."""
-        self.transport.close()
+        limit because of a connection that is going away. With request bytes still queued
+        (a runtime that answered before reading them all), it is dropped: a graceful close
+        would wait for a runtime that may never read them, uncounted."""
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
         self._uncount()
 
     def abort(self) -> None:
@@ -126,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         sink = self.sink
         if sink is None:  # bytes from an idle connection: it cannot be trusted any more
-            self.transport.abort()
+            self.abort()
             return
         if self._body_left:
             self._known_body(sink, data)

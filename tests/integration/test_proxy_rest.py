@@ -1081,11 +1081,12 @@ async def test_a_bug_met_while_routing_a_request_is_a_logged_500_not_a_400_or_a_
     LOOP_ERRORS.clear()  # seen and expected here
 
 
-async def test_a_retry_decided_before_the_body_outgrew_the_replay_buffer_ends_in_a_502_not_a_hang():
+async def test_a_retry_decided_before_the_body_outgrew_the_replay_buffer_ends_in_a_507_not_a_hang():
     # The runtime answers a retriable 503 as soon as the head is in; while the proxy reads that
     # 503 to its end (to retry), the rest of the request body arrives and is too large to keep
-    # for replay; then the 503 breaks off. The retry cannot be sent: the client gets a 502 that
-    # says why, instead of waiting out the route timeout (the retry raised in its timer).
+    # for replay; then the 503 breaks off. The retry cannot be sent: the client gets a 507 that
+    # says why (as from Envoy), instead of waiting out the route timeout (the retry raised in
+    # its timer).
     async def serve(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\nbusy")
@@ -1105,5 +1106,36 @@ async def test_a_retry_decided_before_the_body_outgrew_the_replay_buffer_ends_in
             head = await reader.readuntil(b"\r\n\r\n")
             body = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head)[1]))
         writer.close()
-    assert head.startswith(b"HTTP/1.1 502 ") and b"max_buffered_body_bytes" in body
-    assert b"(5xx)" in body
+    assert head.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n")
+    assert b"max_buffered_body_bytes" in body
+    assert b"failed: 5xx" in body
+
+
+async def test_a_client_sending_its_whole_body_before_reading_gets_the_507_of_a_retry_it_outgrew():
+    # As above, but the runtime's 503 comes whole and the body keeps arriving during the retry
+    # backoff: more than 1 MiB of it waits for the next try, so the proxy stops reading the
+    # client. When the retry is given up, the proxy must read (and drop) the rest again: a
+    # client that sends its whole body before it reads (requests, urllib) sees the 507.
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
+        await writer.drain()
+        await reader.read()  # until the proxy closes it
+
+    size = 16 << 20
+    routes = ("{model: m, timeout: 10s, retry_policy: {retry_on: 5xx, num_retries: 2, "
+              "max_buffered_body_bytes: 1000, backoff: {base_interval: 1s}}}")
+    async with proxy_in_front(serve, routes=routes) as app:
+        app.ctx.rnd = lambda: 0.5  # a backoff of 0.5 s, long enough for the body to pile up
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        writer.write(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"\r\n" % size + bytes(500))
+        await eventually(lambda: any(ex.retrying for c in app.ctx.connections for ex in c.queue))
+        writer.write(bytes(size - 500))  # in the backoff
+        async with asyncio.timeout(5):
+            await writer.drain()  # all of it taken, though nobody wants it
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readexactly(int(re.search(rb"content-length: (\d+)", head)[1]))
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n")
+    assert b"max_buffered_body_bytes" in body

@@ -46,3 +46,23 @@ def test_idle_time_counts_from_the_last_release():
     assert pool.acquire() is conn
     pool.release(conn)  # used again: idle from now, not from the first release
     assert time.monotonic() - conn.idle_since < 1.0 and pool.acquire() is conn
+
+
+class Queued(Transport):
+    """A transport with request bytes still queued (the runtime stopped reading them)."""
+
+    aborted = False
+
+    def get_write_buffer_size(self) -> int:
+        return 100
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+
+def test_a_connection_closed_with_bytes_still_queued_is_dropped_not_left_to_linger_uncounted():
+    pool = HttpPool("rt", "127.0.0.1", 9, 5.0, 64)
+    conn = UpstreamConnection(pool)
+    conn.connection_made(Queued())
+    conn.close()  # a graceful close would wait for a runtime that may never read them
+    assert conn.transport.aborted and pool.open == 0
