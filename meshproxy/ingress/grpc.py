@@ -263,7 +263,7 @@ class InferenceProxy(grpc.GenericRpcHandler):
                 yield response
         except ProxyError as err:
             outcome.code = self._fail(context, err)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: cancelled mid-write
             outcome.code = "CANCELLED"
             raise
         finally:

@@ -70,7 +70,7 @@ class GrpcForwarder:
         channel = self.ctx.channels.get(snapshot, endpoint)
         if channel is None:
             raise NoHealthyUpstream(f"model {target.model!r}: runtime {endpoint.name} has no "
-                                    f"gRPC address", model)
+                                    f"gRPC address in the table in force", model)
         return channel
 
     @staticmethod
@@ -101,7 +101,9 @@ class GrpcForwarder:
         try:
             while True:
                 endpoint = self.pick(balancer, req.model, target, key, endpoint)
-                channel = self.channel(snapshot, endpoint, target, req.model)
+                # The channel from the table in force now, not the one the call began under:
+                # a retry after an update must not bring back a channel the update closed.
+                channel = self.channel(ctx.snapshot(), endpoint, target, req.model)
                 req.endpoint, req.tries = endpoint, tries
                 now = loop.time()
                 try_deadline = deadline if policy.per_try_timeout is None else min(
@@ -167,7 +169,11 @@ class GrpcForwarder:
             return call, None, e
         except asyncio.CancelledError:
             call.cancel()
-            raise
+            if _cancelled_here():
+                raise
+            err = _channel_closed(endpoint)
+            code = err.code().name
+            return call, None, err
         finally:
             endpoint.active -= 1
             if span is not None:
@@ -203,9 +209,10 @@ class GrpcForwarder:
             context.set_trailing_metadata(tuple(trailers))
 
     async def relay_error(self, context, err: grpc.aio.AioRpcError, model: str, endpoint,
-                          left: float) -> str:
+                          left: float, initial_sent: bool = False) -> str:
         """End the call as the runtime ended it, or with the proxy's own error when there was no
-        answer (connect failure, the route's deadline); returns the status name."""
+        answer (connect failure, the route's deadline); returns the status name. A stream's
+        initial metadata may have gone out already (`initial_sent`)."""
         code = err.code()
         initial = err.initial_metadata()
         if code is _UNAVAILABLE and not initial:
@@ -214,7 +221,8 @@ class GrpcForwarder:
         if code is _DEADLINE and left <= 0.001:
             raise UpstreamTimeout(f"model {model!r}: runtime {endpoint.name} did not answer "
                                   f"in time", model)
-        await self._send_initial(context, initial, endpoint)
+        if not initial_sent:
+            await self._send_initial(context, initial, endpoint)
         trailers = err.trailing_metadata()
         if trailers:
             context.set_trailing_metadata(tuple(trailers))
@@ -238,8 +246,11 @@ class GrpcForwarder:
         endpoint.total += 1
         call = channel.stream(STREAM_METHOD)(pump.messages(), timeout=context.time_remaining(),
                                              metadata=metadata)
+        initial_sent = False
         try:
-            await self._send_initial(context, await call.initial_metadata(), endpoint)
+            initial = await call.initial_metadata()
+            await self._send_initial(context, initial, endpoint)
+            initial_sent = True
             async for response in call:
                 yield response
             if pump.error is not None:
@@ -255,13 +266,35 @@ class GrpcForwarder:
         except grpc.aio.AioRpcError as e:
             if pump.error is not None:
                 raise pump.error from None
-            outcome.code = await self.relay_error(context, e, req.model, endpoint, 1.0)
+            outcome.code = await self.relay_error(context, e, req.model, endpoint, 1.0,
+                                                  initial_sent)
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            outcome.code = await self.relay_error(context, _channel_closed(endpoint), req.model,
+                                                  endpoint, 1.0, initial_sent)
         finally:
             endpoint.active -= 1
             if not call.done():
                 call.cancel()
             if span is not None:
                 self.ctx.tracing.end(span, outcome.code)
+
+
+def _cancelled_here() -> bool:
+    """Whether the CancelledError being handled is this call's own (the client cancelled, or
+    the server is stopping), rather than grpc cancelling the upstream call under it, which it
+    does when the call's channel is closed (its runtime left the table or moved)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _channel_closed(endpoint) -> grpc.aio.AioRpcError:
+    """The error a call whose channel was closed under it ends with: UNAVAILABLE with no
+    response metadata, so it is retried like a runtime never reached, or answered as one."""
+    return grpc.aio.AioRpcError(
+        _UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        details=f"the channel to runtime {endpoint.name} was closed (it left the table or moved)")
 
 
 class StreamPump:

@@ -288,13 +288,18 @@ async def test_deadlines_expire():
 
 
 @contextlib.asynccontextmanager
-async def raw_runtime(name: str, model: str, infer):
-    """A gRPC server answering ModelInfer with `infer(message, context)`, listed as holding
-    `model` (its REST address is a free port nobody serves)."""
+async def raw_runtime(name: str, model: str, infer=None, stream=None):
+    """A gRPC server answering ModelInfer with `infer(message, context)` and ModelStreamInfer
+    with `stream(requests, context)`, listed as holding `model` (its REST address is a free
+    port nobody serves)."""
     server = grpc.aio.server()
+    handlers = {}
+    if infer is not None:
+        handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(infer)
+    if stream is not None:
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(stream)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService",
-        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+        "inference.GRPCInferenceService", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
 
@@ -565,3 +570,86 @@ async def test_grpc_calls_under_concurrent_failures_are_all_answered_and_nothing
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
                              "cancelled"}
     assert outcomes["OK"] > 20, outcomes  # (about 72 of 96 in 25 runs)
+
+
+async def test_a_stream_the_runtime_ends_with_an_error_after_a_reply_ends_so_for_the_client():
+    # The proxy sends its initial metadata (x-meshproxy-upstream) with the runtime's; an error
+    # after that must not try to send it again (grpc's UsageError made it UNKNOWN, counted OK).
+    async def after_one(requests, context):
+        async for _ in requests:
+            yield pb.ModelStreamInferResponse().SerializeToString()
+            context.set_trailing_metadata((("x-why", "quota"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+
+    async with raw_runtime("raw", "m", stream=after_one) as rt, proxy([rt]) as app, \
+            stub(app) as s:
+        async def messages():
+            yield sum_request(1, model="m")
+
+        call, replies = s.ModelStreamInfer(messages()), []
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for reply in call:
+                replies.append(reply)
+        assert len(replies) == 1 and e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.value.details() == "queue full"
+        assert ("x-why", "quota") in tuple(e.value.trailing_metadata())
+        assert requests_counted(app, "m", "RESOURCE_EXHAUSTED", "raw") == 1
+        assert requests_counted(app, "m", "OK", "raw") == 0
+
+
+async def test_a_call_whose_runtime_leaves_the_table_ends_unavailable_when_its_channel_closes():
+    # The update closes the leaving runtime's channel after drain_timeout, and grpc cancels
+    # the calls still on it. Those calls used to end with no status at all: the client waited
+    # for its deadline, or for good without one.
+    async def slow(message, context):
+        await asyncio.sleep(30)
+        return b""
+
+    async def fast(message, context):
+        return pb.ModelInferResponse(model_name="m").SerializeToString()
+
+    async with raw_runtime("a", "m", slow) as a, raw_runtime("b", "m", fast) as b, \
+            proxy([a], extra="drain_timeout: 0.5s\n", routes="- model: m\n  timeout: 60s\n") \
+            as app, stub(app) as s:
+        calls = [asyncio.ensure_future(s.ModelInfer(sum_request(1, model="m"), timeout=t))
+                 for t in (20, None)]
+        leaving = app.registry.endpoints["a"]
+        await eventually(lambda: leaving.active == 2)
+        new = load_text("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+                        "static_resources:\n  runtimes:\n"
+                        + runtime_entry("b", b.http_port, b.grpc_port, ["m"]))
+        app.update("v2", new.runtimes, new.routes)
+        assert (await s.ModelInfer(sum_request(1, model="m"))).model_name == "m"  # on b
+        async with asyncio.timeout(10):
+            ended = await asyncio.gather(*(rpc_error(c) for c in calls))
+        assert [e.code() for e in ended] == [grpc.StatusCode.UNAVAILABLE] * 2
+        assert all("'m'" in e.details() for e in ended)
+        assert leaving.active == 0
+
+
+async def test_a_stream_cancelled_while_the_proxy_waits_to_write_to_it_is_counted_cancelled():
+    big = pb.ModelStreamInferResponse(error_message="x" * 1_000_000).SerializeToString()
+    sent = []
+
+    async def flood(requests, context):
+        await requests.__anext__()
+        while True:
+            yield big
+            sent.append(1)
+
+    async with raw_runtime("raw", "m", stream=flood) as rt, proxy([rt]) as app, stub(app) as s:
+        hold = asyncio.Event()
+
+        async def messages():
+            yield sum_request(1, model="m")
+            await hold.wait()
+
+        call = s.ModelStreamInfer(messages())
+        await call.read()
+        # The client reads no more: the windows fill and the proxy waits in its write.
+        await eventually(lambda: len(sent) >= 8, timeout=10)
+        call.cancel()
+        await eventually(lambda: requests_counted(app, "m", "CANCELLED", "raw") == 1)
+        assert requests_counted(app, "m", "OK", "raw") == 0
+        await eventually(lambda: app.registry.endpoints["raw"].active == 0)
+        hold.set()
