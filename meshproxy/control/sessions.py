@@ -87,6 +87,9 @@ class _Session:
         return response
 
 
+_NACKED = "\0nacked"  # a version no resource has: the next diff sends the name again
+
+
 class SotwSession(_Session):
     """State of the world: every response holds all resources of its type."""
 
@@ -129,7 +132,8 @@ class DeltaSession(_Session):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._held: dict[str, dict[str, str]] = {}      # type -> name -> version the proxy holds
-        self._pending: dict[str, dict[str, str]] = {}   # type -> nonce -> system version
+        # type -> nonce -> (system version, the names the response updated or removed)
+        self._pending: dict[str, dict[str, tuple[str, list[str]]]] = {}
 
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[Message]:
         self._note_node(request.node)
@@ -137,9 +141,11 @@ class DeltaSession(_Session):
         if t not in TYPE_URLS:
             return []
         if request.response_nonce:
-            version = self._pending.get(t, {}).pop(request.response_nonce, None)
-            if version is not None:
-                self._answer(t, request, version)
+            sent = self._pending.get(t, {}).pop(request.response_nonce, None)
+            if sent is not None:
+                self._answer(t, request, sent[0])
+                if request.HasField("error_detail"):
+                    self._unknown(t, sent[1])
             return []  # unknown nonces are stale: ignored
         held = self._held.get(t)
         if held is None:  # first request of this type on the stream
@@ -159,6 +165,15 @@ class DeltaSession(_Session):
         out = [self._diff(t) for t in TYPE_URLS if t in self._held]
         return [r for r in out if r is not None]
 
+    def _unknown(self, type_url: str, names: list[str]) -> None:
+        """A NACKed response was not applied: the proxy still holds whatever it held of those
+        names before, which is not known here, so the next change sends each again (as an
+        update if it exists then, a removal if not). Not at once: the same push would be
+        NACKed again."""
+        held = self._held[type_url]
+        for name in names:
+            held[name] = _NACKED
+
     def _diff(self, type_url: str) -> Message | None:
         snap, held = self.cache.get(type_url), self._held[type_url]
         updated = [e.resource for name, e in snap.entries.items() if held.get(name) != e.version]
@@ -172,7 +187,8 @@ class DeltaSession(_Session):
         response = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=snap.version, type_url=type_url, nonce=str(next(self._nonces)),
             resources=updated, removed_resources=removed, control_plane=self._control_plane)
-        self._pending[type_url][response.nonce] = snap.version
+        self._pending[type_url][response.nonce] = (
+            snap.version, [r.name for r in updated] + removed)
         if len(self._pending[type_url]) > 64:  # a proxy that never answers: keep the newest
             del self._pending[type_url][next(iter(self._pending[type_url]))]
         return self._sent(type_url, response, snap.version)

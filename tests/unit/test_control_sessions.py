@@ -106,6 +106,34 @@ def test_a_client_state_and_a_delta_session_agree_end_to_end():
     assert server.status.types[RUNTIME_TYPE].acks == 2
 
 
+def test_after_a_nacked_delta_the_next_change_repairs_what_the_proxy_kept():
+    # One push updates `a`, removes `c` and adds a runtime whose name clashes with one of the
+    # proxy's static runtimes: the proxy NACKs it all and keeps its table. Once the clash is
+    # fixed, the next push must bring `a` and the removal of `c` again, not just the fix.
+    from meshproxy._proto.meshproxy.v1 import bootstrap_pb2
+    cache = cache_with(runtime("a", "m"), runtime("c", "m"))
+    server = delta_session(cache)
+    client = SubscriptionState(bootstrap_pb2.Node(id="p"), True,
+                               static_runtimes=[runtime("clash", "x")])
+
+    def deliver(responses):
+        for resp in responses:
+            out = client.handle(resp, 0.0)
+            assert server.on_request(out.request) == []
+            yield out.nack is not None
+
+    assert not any(deliver(resp for req in client.initial_requests()
+                           for resp in server.on_request(req)))
+    cache.set_all([runtime("a", "m", "k"), runtime("clash", "y")], [])
+    assert list(deliver(server.on_change())) == [True]
+    assert {r.name: [m.name for m in r.models] for r in client.runtimes()
+            if r.name != "clash"} == {"a": ["m"], "c": ["m"]}  # the old table, whole
+    cache.set_all([runtime("a", "m", "k")], [])
+    assert list(deliver(server.on_change())) == [False]
+    assert {r.name: [m.name for m in r.models] for r in client.runtimes()
+            if r.name != "clash"} == {"a": ["m", "k"]}
+
+
 def test_models_from_index_keeps_held_models_only():
     body = [{"name": "a", "version": "1", "state": "READY"},
             {"name": "b", "state": "UNAVAILABLE", "reason": "unloaded"},
