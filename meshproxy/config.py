@@ -94,6 +94,8 @@ def read_file(path: str) -> str:
             return f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def parse_yaml(text: str, msg, source: str):

@@ -41,7 +41,11 @@ class FileWatcher(Generic[T]):
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a bug applying one edit: keep watching
+                self.rejected += 1
+                log.exception("config file %s failed to apply", self.path)
 
     def check(self) -> bool:
         """Reload if the file changed; True when a new version was applied."""

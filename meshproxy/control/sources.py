@@ -194,7 +194,9 @@ class DiscoveryPoller:
             try:
                 view.answered(await observe(self._session, view.config), time.monotonic())
                 result = "ok"
-            except NoAnswer as e:
+            except Exception as e:  # noqa: BLE001 - an odd answer is a failed poll, not the end
+                if not isinstance(e, NoAnswer):  # of polling (its grace would never run out)
+                    e = NoAnswer(f"unusable answer: {type(e).__name__}: {e}")
                 if not view.error:
                     log.warning("runtime %s (%s) does not answer: %s", view.config.name,
                                 view.config.http_address, e)
@@ -244,7 +246,11 @@ class ConfigWatcher:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.check()
+            try:
+                self.check()
+            except Exception as e:  # noqa: BLE001 - a bug applying one edit: keep watching
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("config edit of %s failed to apply", self.path)
 
     def check(self) -> None:
         stamp = self._stat()

@@ -55,6 +55,13 @@ class SidecarReporter:
                     await self._stream(address, session)
                 except (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError) as e:
                     log.warning("registration stream to %s lost: %s", address, e)
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise  # stop()
+                    # grpc cancels the call when the request generator raised: reconnect
+                    log.warning("registration stream to %s was cancelled", address)
+                except Exception:  # noqa: BLE001 - reporting must not stop for good
+                    log.exception("registration stream to %s failed", address)
                 if self.registered:
                     attempt = 0
                 else:
@@ -85,6 +92,9 @@ class SidecarReporter:
                 runtime.models.extend(await observe(session, local) or [])
             except NoAnswer as e:
                 log.debug("local runtime %s does not answer: %s", local.name, e)
+            except Exception as e:  # noqa: BLE001 - an odd answer is reported as no answer
+                log.warning("local runtime %s gave an unusable answer: %s: %s", local.name,
+                            type(e).__name__, e)
             yield discovery_pb2.RegisterRequest(node=self.node, runtime=runtime)
             self.reports += 1
             await asyncio.sleep(self.settings.sidecar_poll_interval)

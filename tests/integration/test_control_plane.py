@@ -470,3 +470,88 @@ async def test_a_restarted_control_plane_serves_its_first_table_only_after_polli
     finally:
         silent.close()
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def index_runtime(answer: dict):
+    """A runtime whose repository index is `answer["index"]` (JSON text), read at each poll;
+    yields its port. The test may stop it early with the runner yielded beside it."""
+    from aiohttp import web
+
+    async def ready(request):
+        return web.Response(text="ok")
+
+    async def index(request):
+        return web.Response(text=answer["index"], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_post("/v2/repository/index", index)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1], runner
+    finally:
+        await runner.cleanup()
+
+
+GOOD_INDEX = '[{"name": "m", "state": "READY"}]'
+UNUSABLE_INDEX = '[{"name": "m\\ud800", "state": "READY"}]'  # a lone surrogate: no LoadedModel
+
+
+async def test_a_runtime_giving_an_unusable_answer_is_a_failed_poll_and_polling_goes_on():
+    # The poll task used to die on such an answer: the runtime's models then stayed in the
+    # table for good, even after it was gone. Now the poll fails, and the grace rule runs as
+    # for no answer.
+    from meshproxy.control.sources import DiscoveryPoller
+    answer = {"index": GOOD_INDEX}
+    async with index_runtime(answer) as (port, runner):
+        poller = DiscoveryPoller(lambda: None)
+        try:
+            poller.configure([resources_pb2.Runtime(name="rt", http_address=f"127.0.0.1:{port}")],
+                             0.05, 0.2, 0.5)
+            view = poller.views["rt"]
+            await eventually(lambda: [m.name for m in view.models] == ["m"])
+            answer["index"] = UNUSABLE_INDEX
+            await eventually(lambda: "unusable answer" in view.error)
+            await runner.cleanup()  # gone for good: its models leave after the grace
+            await eventually(lambda: view.models == [] and "unusable" not in view.error)
+            assert not poller._tasks["rt"].done()
+        finally:
+            await poller.close()
+
+
+async def test_a_sidecar_whose_runtime_gives_an_unusable_answer_goes_on_reporting():
+    # The reporter used to stop for good, without a log line: grpc cancelled the stream when
+    # the request generator raised, and nothing caught that. Its runtime then left the table.
+    import types
+    from meshproxy._proto.meshproxy.v1 import bootstrap_pb2
+    from meshproxy.config import parse_address
+    from meshproxy.discovery.sidecar import SidecarReporter
+    answer = {"index": GOOD_INDEX}
+    async with index_runtime(answer) as (port, _):
+        cp = ControlPlaneApp(load_cp("grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\n"
+                                     "registration: {heartbeat_interval: 0.1s, grace: 0.3s}\n"))
+        await cp.start()
+        settings = types.SimpleNamespace(
+            ads_addresses=(parse_address(f"127.0.0.1:{cp.grpc_port}", "x"),),
+            initial_backoff=0.05, max_backoff=0.2, sidecar_poll_interval=0.1,
+            sidecar=resources_pb2.Runtime(name="side", http_address=f"127.0.0.1:{port}"))
+        reporter = SidecarReporter(settings, bootstrap_pb2.Node(id="n"))
+        await reporter.start()
+        try:
+            def models():
+                return cp.registrations.dump().get("side", {}).get("models")
+
+            await eventually(lambda: models() == 1)
+            answer["index"] = UNUSABLE_INDEX  # reported as not answering: no models
+            seen = reporter.reports
+            await eventually(lambda: models() == 0 and reporter.reports > seen + 2)
+            answer["index"] = GOOD_INDEX
+            await eventually(lambda: models() == 1)
+            assert not reporter._task.done()
+        finally:
+            await reporter.stop()
+            await cp.stop()

@@ -48,3 +48,12 @@ def test_bad_config_names_the_field(text, path):
     with pytest.raises(ConfigError) as e:
         load_text(text, source="cfg.yaml")
     assert path in str(e.value) and str(e.value).startswith("cfg.yaml")
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
+    from meshproxy.config import load_file
+    path = tmp_path / "p.yaml"
+    path.write_bytes("listeners: {}\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_file(str(path))
+    assert str(e.value).startswith(str(path)) and "not UTF-8" in str(e.value)
