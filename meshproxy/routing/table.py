@@ -89,11 +89,14 @@ class EndpointRegistry:
     def __init__(self, attach: Callable[[Endpoint], None] = lambda e: None):
         self._attach = attach
         self.endpoints: dict[str, Endpoint] = {}
+        self._replaced: list[Endpoint] = []  # by a new address since the last retain()
 
     def get(self, rt: resources_pb2.Runtime) -> Endpoint:
         addr = parse_address(rt.http_address, f"runtime {rt.name}")
         e = self.endpoints.get(rt.name)
         if e is None or (e.host, e.port) != (addr.host, addr.port):
+            if e is not None:
+                self._replaced.append(e)
             e = Endpoint(rt.name, addr.host, addr.port)
             self._attach(e)
             self.endpoints[rt.name] = e
@@ -104,10 +107,13 @@ class EndpointRegistry:
         return e
 
     def retain(self, names: set[str]) -> list[Endpoint]:
-        """Forget endpoints not in `names`; return them so their pools can be closed."""
+        """Forget endpoints not in `names`; return them, and those a new address replaced, so
+        their pools can be closed."""
         gone = [e for n, e in self.endpoints.items() if n not in names]
         for e in gone:
             del self.endpoints[e.name]
+        gone += self._replaced
+        self._replaced = []
         return gone
 
 

@@ -66,6 +66,15 @@ def test_endpoints_survive_a_new_snapshot_with_their_counters():
     assert holders(second, "m") == {"a"}
 
 
+def test_an_endpoint_replaced_by_a_new_address_is_handed_back_so_its_pool_is_closed():
+    registry = table.EndpointRegistry()
+    first = build([runtime("a", 1, "m")], registry=registry)
+    second, gone = table.build("v2", [runtime("a", 2, "m")], [], registry, 60.0)
+    assert second.endpoints["a"].port == 2 and gone == [first.endpoints["a"]]
+    _, gone = table.build("v3", [runtime("a", 2, "m")], [], registry, 60.0)
+    assert gone == []
+
+
 def test_index_lists_models_and_where_they_are_ready():
     snap = build([runtime("a", 1, "m"), runtime("b", 2, "m", "n", state=pb.LoadedModel.LOADING)])
     assert snap.index() == [
