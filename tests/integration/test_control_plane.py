@@ -313,22 +313,11 @@ async def test_kserve_dialect_is_polled_with_v2_models_and_model_ready():
     async def model_ready(request):
         return web.json_response({}, status=200 if ready[request.match_info["m"]] else 503)
 
-    async def health(_):
-        return web.json_response({"ready": True})
-
-    fake = web.Application()
-    fake.router.add_get("/v2/health/ready", health)
-    fake.router.add_get("/v2/models", models)
-    fake.router.add_get("/v2/models/{m}/ready", model_ready)
-    runner = web.AppRunner(fake)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    text = (f"grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
-            f"  poll_interval: {POLL}s\n  runtimes:\n"
-            f"    - {{name: ks, http_address: '127.0.0.1:{port}', dialect: KSERVE}}\n")
-    try:
+    async with fake_runtime(("GET", "/v2/models", models),
+                            ("GET", "/v2/models/{m}/ready", model_ready)) as (port, _):
+        text = (f"grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
+                f"  poll_interval: {POLL}s\n  runtimes:\n"
+                f"    - {{name: ks, http_address: '127.0.0.1:{port}', dialect: KSERVE}}\n")
         async with control_plane(text) as cp:
             def models_of_ks():
                 entry = cp.cache.get(RUNTIME_TYPE).entries.get("ks")
@@ -340,8 +329,6 @@ async def test_kserve_dialect_is_polled_with_v2_models_and_model_ready():
                     s.get(f"http://127.0.0.1:{cp.admin_port}/metrics") as resp:
                 text = await resp.text()
             assert 'meshproxy_cp_runtime_polls_total{result="ok",runtime="ks"}' in text
-    finally:
-        await runner.cleanup()
 
 
 async def test_the_control_plane_demo_shows_traffic_moving_to_a_model_loaded_live():
@@ -473,28 +460,35 @@ async def test_a_restarted_control_plane_serves_its_first_table_only_after_polli
 
 
 @contextlib.asynccontextmanager
-async def index_runtime(answer: dict):
-    """A runtime whose repository index is `answer["index"]` (JSON text), read at each poll;
-    yields its port. The test may stop it early with the runner yielded beside it."""
+async def fake_runtime(*routes):
+    """An aiohttp app on a free port answering `routes` ((method, path, handler), ...) and
+    /v2/health/ready; yields (port, runner): a test may stop it early with runner.cleanup()."""
     from aiohttp import web
 
-    async def ready(request):
-        return web.Response(text="ok")
-
-    async def index(request):
-        return web.Response(text=answer["index"], content_type="application/json")
+    async def ready(_):
+        return web.json_response({"ready": True})
 
     app = web.Application()
     app.router.add_get("/v2/health/ready", ready)
-    app.router.add_post("/v2/repository/index", index)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        yield site._server.sockets[0].getsockname()[1], runner
+        yield runner.addresses[0][1], runner
     finally:
         await runner.cleanup()
+
+
+def index_runtime(answer: dict):
+    """A runtime whose repository index is `answer["index"]` (JSON text), read at each poll."""
+    from aiohttp import web
+
+    async def index(_):
+        return web.Response(text=answer["index"], content_type="application/json")
+
+    return fake_runtime(("POST", "/v2/repository/index", index))
 
 
 GOOD_INDEX = '[{"name": "m", "state": "READY"}]'
