@@ -17,6 +17,7 @@ detection with the HTTP status Envoy maps the gRPC one to.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
@@ -100,10 +101,14 @@ class GrpcForwarder:
         tries = 0
         try:
             while True:
+                current = ctx.snapshot()
+                if tries and current is not snapshot:
+                    snapshot, balancer = current, self._holders_now(current, req, target,
+                                                                     balancer)
                 endpoint = self.pick(balancer, req.model, target, key, endpoint)
                 # The channel from the table in force now, not the one the call began under:
                 # a retry after an update must not bring back a channel the update closed.
-                channel = self.channel(ctx.snapshot(), endpoint, target, req.model)
+                channel = self.channel(current, endpoint, target, req.model)
                 req.endpoint, req.tries = endpoint, tries
                 now = loop.time()
                 try_deadline = deadline if policy.per_try_timeout is None else min(
@@ -140,6 +145,18 @@ class GrpcForwarder:
             budget.active_requests -= 1
             if retrying:
                 budget.active_retries -= 1
+
+    def _holders_now(self, snapshot, req, target, balancer):
+        """For a retry after a table update: the balancer over the runtimes that hold the
+        call's target now (its policy, budget and message stay those it began with), or the
+        old one when the new table routes the call elsewhere or not at all."""
+        try:
+            now_target, now_balancer = snapshot.match(req.model, req.version_name(),
+                                                      self.ctx.rnd, req.header_of,
+                                                      time.monotonic())
+        except ProxyError:
+            return balancer
+        return now_balancer if now_target.model == target.model else balancer
 
     def _may_retry(self, reason, tries: int, retrying: bool, policy, budget, model: str) -> bool:
         if reason is None or tries >= policy.num_retries:

@@ -597,10 +597,11 @@ async def test_a_stream_the_runtime_ends_with_an_error_after_a_reply_ends_so_for
         assert requests_counted(app, "m", "OK", "raw") == 0
 
 
-async def test_a_call_whose_runtime_leaves_the_table_ends_unavailable_when_its_channel_closes():
+async def test_a_call_whose_runtime_leaves_the_table_is_retried_on_the_new_holder():
     # The update closes the leaving runtime's channel after drain_timeout, and grpc cancels
     # the calls still on it. Those calls used to end with no status at all: the client waited
-    # for its deadline, or for good without one.
+    # for its deadline, or for good without one. Now each ends UNAVAILABLE on that runtime and
+    # is retried on the runtime holding the model in the table in force.
     async def slow(message, context):
         await asyncio.sleep(30)
         return b""
@@ -621,9 +622,9 @@ async def test_a_call_whose_runtime_leaves_the_table_ends_unavailable_when_its_c
         app.update("v2", new.runtimes, new.routes)
         assert (await s.ModelInfer(sum_request(1, model="m"))).model_name == "m"  # on b
         async with asyncio.timeout(10):
-            ended = await asyncio.gather(*(rpc_error(c) for c in calls))
-        assert [e.code() for e in ended] == [grpc.StatusCode.UNAVAILABLE] * 2
-        assert all("'m'" in e.details() for e in ended)
+            answers = await asyncio.gather(*calls)
+        assert [a.model_name for a in answers] == ["m", "m"]  # b answers with the model name
+        assert requests_counted(app, "m", "OK", "b") == 3
         assert leaving.active == 0
 
 
