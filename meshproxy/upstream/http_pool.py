@@ -272,7 +272,7 @@ class HttpPool:
     after its keep-alive timeout, and a request sent as that close is on its way fails."""
 
     def __init__(self, name: str, host: str, port: int, connect_timeout: float, max_idle: int,
-                 idle_timeout: float = 4.0):
+                 idle_timeout: float):
         self.name = name
         self.host = host
         self.port = port

@@ -61,7 +61,7 @@ class Queued(Transport):
 
 
 def test_a_connection_closed_with_bytes_still_queued_is_dropped_not_left_to_linger_uncounted():
-    pool = HttpPool("rt", "127.0.0.1", 9, 5.0, 64)
+    pool = HttpPool("rt", "127.0.0.1", 9, 5.0, 64, idle_timeout=4.0)
     conn = UpstreamConnection(pool)
     conn.connection_made(Queued())
     conn.close()  # a graceful close would wait for a runtime that may never read them
