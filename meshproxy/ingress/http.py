@@ -150,6 +150,7 @@ class HttpConnection(asyncio.Protocol):
         self.client_full = False  # the client is not taking the response as it comes
         self.seen: dict[bytes, SeenHead] = {}  # by URL, oldest first
         self.known: dict[bytes, SeenHead] = {}  # by their canonical bytes (SeenHead.raw)
+        self.last_known: SeenHead | None = None  # the last of them read_known took
         self.body_left = 0  # of a request read without llhttp
 
     # -- asyncio
@@ -211,10 +212,15 @@ class HttpConnection(asyncio.Protocol):
         try:
             while data and not self.closed and self.fatal is None:
                 if not self.body_left:
-                    end = data.find(b"\r\n\r\n") + 4
-                    seen = known.get(data[:end]) if end > 3 else None
-                    if seen is None:
-                        return data
+                    seen = self.last_known
+                    if seen is not None and data.startswith(seen.raw):
+                        end = len(seen.raw)  # the same head again: no search, no hashing
+                    else:
+                        end = data.find(b"\r\n\r\n") + 4
+                        seen = known.get(data[:end]) if end > 3 else None
+                        if seen is None:
+                            return data
+                        self.last_known = seen
                     self.on_message_begin()
                     ex = self.cur
                     ex.url, ex.headers, ex.method, ex.known = seen.url, seen.headers, seen.method, seen
