@@ -86,6 +86,8 @@ class DynamicSettings:
     snapshot_path: str
     sidecar: resources_pb2.Runtime | None  # sidecar mode: the local runtime to report
     sidecar_poll_interval: float
+    keepalive_interval: float = 10.0  # pings on the control-plane connection
+    keepalive_timeout: float = 5.0
 
 
 def read_file(path: str) -> str:
@@ -230,9 +232,13 @@ def _dynamic(b: bootstrap_pb2.Bootstrap) -> DynamicSettings | None:
             validate_resources([sidecar], [], f"{where}sidecar")
         except ConfigError as e:
             raise ConfigError(str(e).replace(".runtimes[0]", ".runtime")) from None
+    interval = _seconds(d.keepalive, "interval", 10.0, f"{where}keepalive.")
+    if interval < 1.0:  # the control plane counts faster pings as abuse and closes the stream
+        raise ConfigError(f"{where}keepalive.interval: must be at least 1s")
     return DynamicSettings(addresses, d.protocol == bootstrap_pb2.DynamicResources.DELTA, initial,
                            maximum, d.snapshot_path, sidecar,
-                           _seconds(d.sidecar, "poll_interval", 2.0, f"{where}sidecar."))
+                           _seconds(d.sidecar, "poll_interval", 2.0, f"{where}sidecar."),
+                           interval, _seconds(d.keepalive, "timeout", 5.0, f"{where}keepalive."))
 
 
 def parse_address(text: str, where: str) -> Address:

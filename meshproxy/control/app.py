@@ -26,6 +26,7 @@ from meshproxy.control.metrics import ControlPlaneMetrics
 from meshproxy.control.registration import Registrations, RegistrationServicer
 from meshproxy.control.server import AdsServicer, ProxyRegistry
 from meshproxy.control.sources import ConfigWatcher, DiscoveryPoller
+from meshproxy.discovery.client import keepalive_options
 from meshproxy.discovery.state import TYPE_URLS
 
 log = logging.getLogger("meshproxy.control")
@@ -91,8 +92,10 @@ class ControlPlaneApp:
         self.publish()
         self._server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", 256 * 1024 * 1024),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            # proxies ping at least 1 s apart (config.py); timer slack must not be a strike
+            ("grpc.http2.min_ping_interval_without_data_ms", 500),
+            # pings of our own, so that a proxy that vanished without closing is noticed
+            *keepalive_options(s.keepalive_interval, s.keepalive_timeout),
         ])
         discovery_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, self._server)
         discovery_pb2_grpc.add_RuntimeRegistrationServiceServicer_to_server(

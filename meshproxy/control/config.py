@@ -23,6 +23,8 @@ class ControlPlaneSettings:
     heartbeat_interval: float
     registration_grace: float
     watch_interval: float
+    keepalive_interval: float
+    keepalive_timeout: float
     source: control_plane_pb2.ControlPlaneConfig
 
 
@@ -59,6 +61,8 @@ def _build(c: control_plane_pb2.ControlPlaneConfig) -> ControlPlaneSettings:
         heartbeat_interval=heartbeat,
         registration_grace=_seconds(c.registration, "grace", 3 * heartbeat, "registration."),
         watch_interval=_seconds(c, "watch_interval", 1.0),
+        keepalive_interval=_seconds(c.keepalive, "interval", 30.0, "keepalive."),
+        keepalive_timeout=_seconds(c.keepalive, "timeout", 10.0, "keepalive."),
         source=c,
     )
 

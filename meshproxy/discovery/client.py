@@ -27,14 +27,30 @@ from meshproxy.discovery.state import SubscriptionState, reconnect_delay
 
 log = logging.getLogger("meshproxy.discovery")
 CONNECT_TIMEOUT = 2.0
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-]
+
+
+def keepalive_options(interval: float, timeout: float) -> list[tuple[str, int]]:
+    """gRPC options for a ping after `interval` s without one, and the connection closed
+    when a ping is not answered within `timeout` s, also while the streams are quiet."""
+    return [
+        ("grpc.keepalive_time_ms", round(interval * 1000)),
+        ("grpc.keepalive_timeout_ms", round(timeout * 1000)),
+        # gRPC 1.81 closes on an unanswered ping only after this (default 1 min)
+        ("grpc.http2.ping_timeout_ms", round(timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # by default gRPC stops pinging after 2 pings with no data between them: a quiet
+        # xDS stream would stop noticing its peer vanish
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def channel_options(settings: DynamicSettings) -> list[tuple[str, int]]:
+    """Options of a channel to a control plane (ADS and sidecar registration)."""
+    return keepalive_options(settings.keepalive_interval, settings.keepalive_timeout) + [
+        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+    ]
 
 Apply = Callable[[str, list, list], None]
 
@@ -96,7 +112,8 @@ class AdsClient:
 
     async def _session(self, address: str) -> None:
         """One stream, until the server ends it or it fails."""
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        options = channel_options(self.settings)
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
             await connect(channel)
             stub = discovery_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = (stub.DeltaAggregatedResources() if self.settings.delta

@@ -21,7 +21,7 @@ from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, discovery_pb2, discover
 from meshproxy._proto.meshproxy.v1 import resources_pb2
 from meshproxy.config import DynamicSettings
 from meshproxy.control.sources import NoAnswer, observe
-from meshproxy.discovery.client import CHANNEL_OPTIONS, connect
+from meshproxy.discovery.client import channel_options, connect
 from meshproxy.discovery.state import reconnect_delay
 
 log = logging.getLogger("meshproxy.discovery")
@@ -72,7 +72,8 @@ class SidecarReporter:
                 attempt += 1
 
     async def _stream(self, address: str, session: aiohttp.ClientSession) -> None:
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        options = channel_options(self.settings)
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
             await connect(channel)
             stub = discovery_pb2_grpc.RuntimeRegistrationServiceStub(channel)
             call = stub.Register(self._reports(session))

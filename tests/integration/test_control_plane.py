@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import random
+import signal
 import sys
 import textwrap
 
@@ -370,6 +372,7 @@ async def test_editing_the_proxy_file_keeps_the_dynamic_resources(tmp_path):
      "discovery.runtimes[0].models"),
     ("grpc_adress: 127.0.0.1:1\n", "grpc_adress"),
     ("resources: {routes: [{model: m}, {model: m}]}\n", "resources.routes[1].model"),
+    ("keepalive: {interval: 0s}\n", "keepalive.interval: must be positive"),
 ])
 async def test_bad_control_plane_config_exits_64_naming_the_field(tmp_path, text, words):
     path = tmp_path / "cp.yaml"
@@ -532,6 +535,7 @@ async def test_a_sidecar_whose_runtime_gives_an_unusable_answer_goes_on_reportin
         settings = types.SimpleNamespace(
             ads_addresses=(parse_address(f"127.0.0.1:{cp.grpc_port}", "x"),),
             initial_backoff=0.05, max_backoff=0.2, sidecar_poll_interval=0.1,
+            keepalive_interval=10.0, keepalive_timeout=5.0,
             sidecar=resources_pb2.Runtime(name="side", http_address=f"127.0.0.1:{port}"))
         reporter = SidecarReporter(settings, bootstrap_pb2.Node(id="n"))
         await reporter.start()
@@ -549,3 +553,75 @@ async def test_a_sidecar_whose_runtime_gives_an_unusable_answer_goes_on_reportin
         finally:
             await reporter.stop()
             await cp.stop()
+
+
+@contextlib.asynccontextmanager
+async def stopped(proc, group: bool = False):
+    """`proc` (with `group`, its whole process group) frozen with SIGSTOP: its kernel still
+    ACKs TCP, nothing answers a ping. Then let go with SIGCONT."""
+    def signal_it(sig):
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+    signal_it(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if proc.returncode is None:
+            signal_it(signal.SIGCONT)
+
+
+async def test_a_frozen_proxy_leaves_the_control_planes_view_and_comes_back(tmp_path):
+    # A proxy that vanishes without closing its connection (a frozen pod, a dead node) must
+    # not stay listed, and pushed to, for the kernel's TCP timeouts: the control plane's
+    # keepalive pings go unanswered and its stream is ended.
+    async with runtimes(("r1", ["sum"])) as (r1,), control_plane(cp_yaml(
+            [r1], extra="keepalive: {interval: 0.5s, timeout: 0.5s}\n")) as cp:
+        path = tmp_path / "proxy.yaml"
+        path.write_text("node: {id: frozen, cluster: test}\n"
+                        "listeners: {http_address: '127.0.0.1:0', grpc_address: disabled}\n"
+                        "admin: {address: '127.0.0.1:0'}\n"
+                        f"dynamic_resources: {{ads_addresses: ['127.0.0.1:{cp.grpc_port}'], "
+                        "initial_backoff: 0.1s, max_backoff: 0.2s}\n")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshproxy", "--log-level", "warning", "proxy", "-c",
+            str(path), "--workers", "1", stdout=asyncio.subprocess.DEVNULL,
+            start_new_session=True)  # its own group: the parent and its worker freeze together
+        try:
+            def listed(rows):
+                return [p for p in rows if p["node_id"] == "frozen"]
+
+            await proxies_view(cp.admin_port, lambda rows: len(listed(rows)) == 1, timeout=20)
+            async with stopped(proc, group=True):
+                frozen_at = asyncio.get_running_loop().time()
+                await proxies_view(cp.admin_port, lambda rows: not listed(rows), timeout=10)
+                gone_after = asyncio.get_running_loop().time() - frozen_at
+            # let go, it finds its stream ended and subscribes again
+            await proxies_view(cp.admin_port, lambda rows: len(listed(rows)) == 1, timeout=10)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert gone_after < 5, gone_after  # about interval + timeout
+
+
+async def test_a_proxy_notices_a_frozen_control_plane_on_a_quiet_stream(tmp_path):
+    # gRPC stops pinging after two pings without data unless told otherwise, so a proxy
+    # whose stream has been quiet for a while would never notice its control plane vanish
+    # (a partition, a frozen pod), and would not try the next address.
+    async with runtimes(("r1", ["sum"])) as (r1,):
+        port = free_port()
+        async with control_plane_process(cp_yaml([r1], port=port), tmp_path) as cp, \
+                proxies(port, ["DELTA"], extra="keepalive: {interval: 1s, timeout: 1s}\n") \
+                as (app,):
+            await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+            # The scenario, not a wait for a condition: the stream stays quiet (nothing
+            # changes) for several ping intervals before the control plane freezes.
+            await asyncio.sleep(4.5)
+            streams = app.discovery.streams
+            async with stopped(cp):
+                await eventually(lambda: app.discovery.connected_to is None, timeout=10)
+                assert routes(app, "sum") == {"r1"}  # still serving the last table
+            await eventually(lambda: app.discovery.streams > streams
+                             and app.discovery.connected_to is not None, timeout=10)

@@ -67,7 +67,7 @@ class StaticResources(_message.Message):
     def __init__(self, runtimes: _Optional[_Iterable[_Union[_resources_pb2.Runtime, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[_resources_pb2.ModelRoute, _Mapping]]] = ...) -> None: ...
 
 class DynamicResources(_message.Message):
-    __slots__ = ("ads_addresses", "protocol", "initial_backoff", "max_backoff", "snapshot_path", "sidecar")
+    __slots__ = ("ads_addresses", "protocol", "initial_backoff", "max_backoff", "snapshot_path", "sidecar", "keepalive")
     class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DELTA: _ClassVar[DynamicResources.Protocol]
@@ -80,13 +80,23 @@ class DynamicResources(_message.Message):
     MAX_BACKOFF_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_PATH_FIELD_NUMBER: _ClassVar[int]
     SIDECAR_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     ads_addresses: _containers.RepeatedScalarFieldContainer[str]
     protocol: DynamicResources.Protocol
     initial_backoff: _duration_pb2.Duration
     max_backoff: _duration_pb2.Duration
     snapshot_path: str
     sidecar: Sidecar
-    def __init__(self, ads_addresses: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[DynamicResources.Protocol, str]] = ..., initial_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_path: _Optional[str] = ..., sidecar: _Optional[_Union[Sidecar, _Mapping]] = ...) -> None: ...
+    keepalive: Keepalive
+    def __init__(self, ads_addresses: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[DynamicResources.Protocol, str]] = ..., initial_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_path: _Optional[str] = ..., sidecar: _Optional[_Union[Sidecar, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
+
+class Keepalive(_message.Message):
+    __slots__ = ("interval", "timeout")
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    interval: _duration_pb2.Duration
+    timeout: _duration_pb2.Duration
+    def __init__(self, interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Sidecar(_message.Message):
     __slots__ = ("runtime", "poll_interval")

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ControlPlaneConfig(_message.Message):
-    __slots__ = ("grpc_address", "admin_address", "resources", "discovery", "registration", "watch_interval", "identifier")
+    __slots__ = ("grpc_address", "admin_address", "resources", "discovery", "registration", "watch_interval", "identifier", "keepalive")
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ADMIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class ControlPlaneConfig(_message.Message):
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     WATCH_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     grpc_address: str
     admin_address: str
     resources: _bootstrap_pb2.StaticResources
@@ -27,7 +28,8 @@ class ControlPlaneConfig(_message.Message):
     registration: Registration
     watch_interval: _duration_pb2.Duration
     identifier: str
-    def __init__(self, grpc_address: _Optional[str] = ..., admin_address: _Optional[str] = ..., resources: _Optional[_Union[_bootstrap_pb2.StaticResources, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., watch_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., identifier: _Optional[str] = ...) -> None: ...
+    keepalive: _bootstrap_pb2.Keepalive
+    def __init__(self, grpc_address: _Optional[str] = ..., admin_address: _Optional[str] = ..., resources: _Optional[_Union[_bootstrap_pb2.StaticResources, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., registration: _Optional[_Union[Registration, _Mapping]] = ..., watch_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., identifier: _Optional[str] = ..., keepalive: _Optional[_Union[_bootstrap_pb2.Keepalive, _Mapping]] = ...) -> None: ...
 
 class Discovery(_message.Message):
     __slots__ = ("runtimes", "poll_interval", "grace", "request_timeout")
