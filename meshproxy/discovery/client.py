@@ -130,14 +130,30 @@ class AdsClient:
                 await call.write(self._handle(response))
 
     def _handle(self, response):
-        outcome = self.state.handle(response, time.time())
+        now = time.time()
+        outcome = self.state.handle(response, now)
+        if outcome.changed:
+            try:
+                self._apply()
+            except Exception as e:  # noqa: BLE001 - a bug here: NACKed, the last table stays
+                log.exception("cannot apply %s nonce=%s", response.type_url, response.nonce)
+                outcome = self.state.reject(
+                    response, outcome, f"the proxy failed to apply it ({type(e).__name__}: "
+                    f"{e}); see its log", now)
+                self._reapply()
+            else:
+                self._save()
         if outcome.nack is not None:
             log.warning("NACK %s nonce=%s version=%s: %s", response.type_url, outcome.nack.nonce,
                         outcome.nack.version, outcome.nack.message)
-        elif outcome.changed:
-            self._apply()
-            self._save()
         return outcome.request
+
+    def _reapply(self) -> None:
+        """Apply the state in force again after a failed apply, which may have got part way."""
+        try:
+            self._apply()
+        except Exception:  # noqa: BLE001 - the snapshot serving now stays
+            log.exception("cannot apply the resources in force again")
 
     def _apply(self) -> None:
         self._apply_cb(self.state.version(), self.state.runtimes(), self.state.routes())

@@ -60,10 +60,12 @@ class TypeState:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """What a response led to: the request to send back, and whether the resources changed."""
+    """What a response led to: the request to send back, and whether the resources changed.
+    `undo` (an accepted response): its type's state before, for SubscriptionState.reject."""
     request: Message
     changed: bool
     nack: Nack | None = None
+    undo: tuple | None = None
 
 
 class Rejected(Exception):
@@ -110,9 +112,18 @@ class SubscriptionState:
         except Rejected as e:
             return self._nack(ts, response, str(e), now)
         changed = new != ts.resources
+        undo = (ts, ts.resources, ts.version_info, ts.applied_at)
         ts.resources, ts.version_info, ts.applied_at = new, version, now
         ts.acks += 1
-        return Outcome(self._answer(ts, response), changed)
+        return Outcome(self._answer(ts, response), changed, undo=undo)
+
+    def reject(self, response: Message, accepted: Outcome, message: str, now: float) -> Outcome:
+        """`response` passed handle() but could not be put in force: its type goes back to
+        what it held before, and the answer is a NACK instead (so a later stream does not
+        claim to hold what was never applied)."""
+        ts, ts.resources, ts.version_info, ts.applied_at = accepted.undo
+        ts.acks -= 1
+        return self._nack(ts, response, message, now)
 
     def _answer(self, ts: TypeState | None, response: Message,
                 error: discovery_pb2.RpcStatus | None = None) -> Message:

@@ -246,6 +246,48 @@ async def test_an_invalid_resource_is_nacked_and_traffic_stays_on_the_old_snapsh
         assert routes(app, "sum") == {"r1"}
 
 
+@pytest.mark.parametrize("protocol", ["DELTA", "STATE_OF_THE_WORLD"])
+async def test_a_push_the_proxy_fails_to_apply_is_nacked_and_not_taken_as_held(protocol):
+    # A bug while putting a valid push in force (validation passed) must not leave the proxy
+    # believing it holds what it never applied: it NACKs and serves the last table, and on a
+    # new stream it is sent the resources again instead of claiming to hold them.
+    late = resources_pb2.Runtime(name="late", http_address="127.0.0.1:1",
+                                 models=[resources_pb2.LoadedModel(name="late-model")])
+
+    def with_late(cp):
+        good = [e.message for e in cp.cache.get(RUNTIME_TYPE).entries.values()]
+        cp.cache.set_resources(RUNTIME_TYPE, good + [late])
+
+    port = free_port()
+    async with runtimes(("r1", ["sum"])) as (r1,):
+        async with control_plane(cp_yaml([r1], port=port)) as cp, \
+                proxies(port, [protocol]) as (app,):
+            await eventually(lambda: routes(app, "sum") == {"r1"}, timeout=10)
+            client = app.discovery
+            version, real_apply = client.state.version(), client._apply_cb
+
+            def failing_apply(version, runtimes, routes):
+                if any(rt.name == "late" for rt in runtimes):
+                    raise RuntimeError("injected failure")
+                real_apply(version, runtimes, routes)
+
+            client._apply_cb = failing_apply
+            with_late(cp)
+            await eventually(lambda: client.state.types[RUNTIME_TYPE].last_nack is not None, 5)
+            assert "injected failure" in client.state.types[RUNTIME_TYPE].last_nack.message
+            assert "late" not in client.state.types[RUNTIME_TYPE].resources
+            assert client.state.version() == version and client.connected_to is not None
+            async with aiohttp.ClientSession() as s:
+                assert await infer(s, app, "sum") == (200, "r1")
+            await eventually(lambda: any(st.types[RUNTIME_TYPE].nacks == 1
+                                         for st in cp.proxies.statuses.values()), timeout=2)
+            client._apply_cb = real_apply  # fixed
+            await cp.stop()  # and a control plane restarted on the same address
+            async with control_plane(cp_yaml([r1], port=port)) as again:
+                with_late(again)
+                await eventually(lambda: app.ctx.snapshot.is_known("late-model"), timeout=10)
+
+
 async def test_config_edits_are_pushed_and_invalid_edits_keep_the_last_good_config(tmp_path):
     path = tmp_path / "cp.yaml"
     async with runtimes(("r1", ["sum"])) as (r1,), control_plane(cp_yaml([r1]), path) as cp, \
