@@ -41,7 +41,8 @@ class ControlPlaneApp:
         self.proxies = ProxyRegistry()
         self.poller = DiscoveryPoller(self.publish, self.metrics)
         self.registrations = Registrations(self.publish, settings.registration_grace,
-                                           taken=self._configured)
+                                           taken=self._configured,
+                                           state_path=settings.registration_state_path)
         self.ads = AdsServicer(self.cache, self.proxies, self.metrics, settings.identifier)
         self.watcher: ConfigWatcher | None = None
         self.grpc_port = 0
@@ -89,6 +90,7 @@ class ControlPlaneApp:
         if unpolled:
             log.warning("starting before these runtimes answered their first poll: %s",
                         ", ".join(unpolled))
+        self.registrations.restore()
         self.publish()
         self._server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", 256 * 1024 * 1024),

@@ -22,6 +22,7 @@ class ControlPlaneSettings:
     request_timeout: float
     heartbeat_interval: float
     registration_grace: float
+    registration_state_path: str
     watch_interval: float
     keepalive_interval: float
     keepalive_timeout: float
@@ -60,6 +61,7 @@ def _build(c: control_plane_pb2.ControlPlaneConfig) -> ControlPlaneSettings:
         request_timeout=_seconds(d, "request_timeout", min(poll, 2.0), "discovery."),
         heartbeat_interval=heartbeat,
         registration_grace=_seconds(c.registration, "grace", 3 * heartbeat, "registration."),
+        registration_state_path=c.registration.state_path,
         watch_interval=_seconds(c, "watch_interval", 1.0),
         keepalive_interval=_seconds(c.keepalive, "interval", 30.0, "keepalive."),
         keepalive_timeout=_seconds(c.keepalive, "timeout", 10.0, "keepalive."),

@@ -5,17 +5,24 @@ How it works: each request on a Register stream carries the sidecar's runtime as
 or `grace` after it fell silent for three heartbeat intervals; until then its last reported
 models stay in the table. A name already held by another live stream, or a runtime that fails
 validation, is refused with an error response and the stream is closed.
+
+With a `state_path`, the registrations are written there on every change and read back at
+start, each as if its stream had just ended: a restarted control plane serves them for
+`grace`, so the proxies that reconnect before the sidecars do keep routing to them, and a
+sidecar that registers again within `grace` takes its registration back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import os
 import time
 from typing import Callable
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 
 from meshproxy._proto.meshproxy.v1 import discovery_pb2, discovery_pb2_grpc, resources_pb2
 from meshproxy.config import ConfigError, validate_resources
@@ -38,14 +45,65 @@ class Registrations:
 
     def __init__(self, changed: Callable[[], None], grace: float, heartbeat: float = 2.0,
                  clock: Callable[[], float] = time.monotonic,
-                 taken: Callable[[str], bool] = lambda name: False):
+                 taken: Callable[[str], bool] = lambda name: False, state_path: str = ""):
         self.entries: dict[str, Registration] = {}
         self._taken = taken  # names the control plane's own file uses
         self.grace = grace
         self.heartbeat = heartbeat
-        self._changed = changed
+        self._on_change = changed
         self._clock = clock
         self._task: asyncio.Task | None = None
+        self.state_path = state_path
+
+    def _changed(self) -> None:
+        self._save()
+        self._on_change()
+
+    # -- the state file
+    def restore(self) -> None:
+        """Read the registrations saved by an earlier run, each with its stream just ended.
+        An unreadable file, or an entry no longer valid, is logged and skipped."""
+        path = self.state_path
+        if not path or not os.path.exists(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            entries = [(e["node_id"], json_format.ParseDict(e["runtime"], resources_pb2.Runtime()))
+                       for e in saved["registrations"]]
+        except (OSError, ValueError, KeyError, TypeError, json_format.ParseError) as e:
+            log.warning("ignoring registration state %s: %s", path, e)
+            return
+        now = self._clock()
+        for node_id, runtime in entries:
+            try:
+                validate_resources([runtime], [], "runtime")
+            except ConfigError as e:
+                log.warning("ignoring saved registration of %r: %s", runtime.name, e)
+                continue
+            if self._taken(runtime.name):
+                continue  # the file configures that name now
+            self.entries[runtime.name] = Registration(runtime, node_id, now, stream=0,
+                                                      closed_at=now)
+        if self.entries:
+            log.info("restored %d registrations from %s; each expires in %gs unless its "
+                     "sidecar registers again", len(self.entries), path, self.grace)
+
+    def _save(self) -> None:
+        path = self.state_path
+        if not path:
+            return
+        data = {"registrations": [
+            {"node_id": r.node_id, "runtime": json_format.MessageToDict(
+                r.runtime, preserving_proto_field_name=True)}
+            for _, r in sorted(self.entries.items())]}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot write registration state %s: %s", path, e)
 
     def report(self, stream: int, node_id: str, runtime: resources_pb2.Runtime) -> str:
         """Record a request; '' or the reason it is refused."""

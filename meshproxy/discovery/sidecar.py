@@ -45,8 +45,13 @@ class SidecarReporter:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        addresses = [str(a) for a in self.settings.ads_addresses]
+        s = self.settings
+        addresses = [str(a) for a in s.ads_addresses]
         attempt, index = 0, 0
+        # Retried at least once a poll interval (a heartbeat), however long the control plane
+        # is away: a registration it keeps for `grace` (restored after a restart) must be
+        # taken back within it. One refused connect per sidecar per interval costs little.
+        ceiling = max(s.initial_backoff, min(s.max_backoff, s.sidecar_poll_interval))
         timeout = aiohttp.ClientTimeout(total=min(2.0, self.settings.sidecar_poll_interval))
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
@@ -67,8 +72,8 @@ class SidecarReporter:
                 else:
                     index += 1
                 self.registered = False
-                await asyncio.sleep(reconnect_delay(attempt, self.settings.initial_backoff,
-                                                    self.settings.max_backoff, self._rnd()))
+                await asyncio.sleep(reconnect_delay(attempt, s.initial_backoff, ceiling,
+                                                    self._rnd()))
                 attempt += 1
 
     async def _stream(self, address: str, session: aiohttp.ClientSession) -> None:

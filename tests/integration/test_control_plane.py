@@ -321,6 +321,55 @@ async def test_a_sidecar_registered_runtime_appears_and_disappears_with_its_stre
         assert loop.time() - closed >= GRACE - 0.1
 
 
+async def test_a_restarted_control_plane_keeps_sidecar_runtimes_until_their_sidecars_return(
+        tmp_path):
+    # With registration.state_path, a control plane restarted while sidecars are connected
+    # serves their runtimes from the saved state: a gateway that reconnects before a sidecar
+    # does keeps routing to it, instead of every request for its models failing until then.
+    port, state = free_port(), tmp_path / "registrations.json"
+    async with runtimes(("r1", ["sum"]), ("local", ["identity"])) as (r1, local):
+        text = cp_yaml([r1], port=port).replace(
+            "grace: %ss}" % GRACE, f"grace: 3s, state_path: '{state}'}}")
+        sidecar_extra = (f"sidecar:\n  runtime: {{name: local, http_address: "
+                         f"'127.0.0.1:{local.http_port}'}}\n  poll_interval: 1.5s\n"
+                         "initial_backoff: 1.5s\nmax_backoff: 1.5s\n")  # back after the gateway
+        cp = ControlPlaneApp(load_cp(text))
+        await cp.start()
+        try:
+            async with proxies(port, ["DELTA"]) as (gateway,), \
+                    proxies(port, ["DELTA"], extra=sidecar_extra) as (sidecar,):
+                await eventually(lambda: routes(gateway, "identity") == {"local"}, timeout=10)
+                results: list[int] = []
+                stop = asyncio.Event()
+
+                async def load():
+                    async with aiohttp.ClientSession() as s:
+                        while not stop.is_set():
+                            results.append((await infer(s, gateway, "identity"))[0])
+
+                driver = asyncio.ensure_future(load())
+                try:
+                    await cp.stop()
+                    cp = ControlPlaneApp(load_cp(text))
+                    await cp.start()
+                    assert "local" in cp.registrations.entries  # restored, stream not yet back
+                    await eventually(lambda: cp.proxies.statuses and all(
+                        st.types[RUNTIME_TYPE].acked_version for st in cp.proxies.statuses.values()),
+                        timeout=10)
+                    await eventually(lambda: getattr(cp.registrations.entries.get("local"),
+                                                     "closed_at", 0) is None,
+                                     timeout=10)  # the sidecar registered again
+                    seen = len(results)
+                    await eventually(lambda: len(results) > seen + 20, timeout=10)
+                finally:
+                    stop.set()
+                    await driver
+                assert routes(gateway, "identity") == {"local"}
+                assert len(results) > 20 and set(results) == {200}, collections.Counter(results)
+        finally:
+            await cp.stop()
+
+
 async def test_failover_and_a_saved_snapshot_serve_while_no_control_plane_answers(tmp_path):
     snapshot = tmp_path / "xds.json"
     extra = f"snapshot_path: '{snapshot}'\n"
@@ -667,3 +716,34 @@ async def test_a_proxy_notices_a_frozen_control_plane_on_a_quiet_stream(tmp_path
                 assert routes(app, "sum") == {"r1"}  # still serving the last table
             await eventually(lambda: app.discovery.streams > streams
                              and app.discovery.connected_to is not None, timeout=10)
+
+
+async def test_a_sidecar_retries_at_least_once_a_poll_interval_while_the_control_plane_is_away():
+    # A control plane restored with its registrations keeps each for `grace` only, so a
+    # sidecar must come back within it however long the control plane was away: its
+    # reconnect backoff stops growing at its poll interval.
+    import types
+    from meshproxy._proto.meshproxy.v1 import bootstrap_pb2
+    from meshproxy.config import parse_address
+    from meshproxy.discovery.sidecar import SidecarReporter
+    async with index_runtime({"index": GOOD_INDEX}) as (port, _):
+        cp_port = free_port()
+        settings = types.SimpleNamespace(
+            ads_addresses=(parse_address(f"127.0.0.1:{cp_port}", "x"),),
+            initial_backoff=0.1, max_backoff=30.0, sidecar_poll_interval=0.3,
+            keepalive_interval=10.0, keepalive_timeout=5.0,
+            sidecar=resources_pb2.Runtime(name="side", http_address=f"127.0.0.1:{port}"))
+        # draws at the top of each backoff step: retries at 0.1, 0.3, 0.7, 1.5, 3.1 s uncapped
+        reporter = SidecarReporter(settings, bootstrap_pb2.Node(id="n"), rnd=lambda: 0.999)
+        await reporter.start()
+        try:
+            await asyncio.sleep(1.7)  # the scenario: no control plane for 1.7 s
+            loop = asyncio.get_running_loop()
+            async with control_plane(
+                    f"grpc_address: 127.0.0.1:{cp_port}\nadmin_address: 127.0.0.1:0\n") as cp:
+                back = loop.time()
+                await eventually(lambda: "side" in cp.registrations.entries, timeout=10)
+                took = loop.time() - back
+        finally:
+            await reporter.stop()
+    assert took < 0.3 + 0.5, took  # one poll interval and a margin; 1.4 s uncapped

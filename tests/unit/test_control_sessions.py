@@ -172,6 +172,35 @@ def test_registrations_expire_grace_after_the_stream_ends():
     assert regs.expire() and regs.runtimes() == []
 
 
+def test_saved_registrations_come_back_as_streams_just_ended(tmp_path, caplog):
+    path = str(tmp_path / "regs.json")
+    now = [0.0]
+    regs = Registrations(lambda: None, grace=1.0, heartbeat=0.5, clock=lambda: now[0],
+                         state_path=path)
+    regs.report(1, "n1", runtime("side", "m"))
+    regs.report(2, "n2", runtime("filed", "m"))
+    # a restarted control plane, whose file now configures `filed`
+    now[0] = 50.0
+    again = Registrations(lambda: None, grace=1.0, heartbeat=0.5, clock=lambda: now[0],
+                          taken=lambda name: name == "filed", state_path=path)
+    again.restore()
+    assert [(r.name, [m.name for m in r.models]) for r in again.runtimes()] == [("side", ["m"])]
+    assert again.report(7, "n1", runtime("side", "m", "m2")) == ""  # its sidecar is back
+    assert [m.name for m in again.runtimes()[0].models] == ["m", "m2"]
+    # one that does not come back within grace leaves
+    third = Registrations(lambda: None, grace=1.0, heartbeat=0.5, clock=lambda: now[0],
+                          state_path=path)
+    third.restore()
+    now[0] = 51.0
+    assert third.expire() and third.runtimes() == []
+    # an unreadable file is logged and ignored
+    with open(path, "w") as f:
+        f.write("{not json")
+    broken = Registrations(lambda: None, grace=1.0, state_path=path)
+    broken.restore()
+    assert broken.runtimes() == [] and "ignoring registration state" in caplog.text
+
+
 async def test_a_runtime_edited_in_the_file_keeps_its_models_until_the_next_poll():
     from meshproxy.control.sources import DiscoveryPoller
     poller = DiscoveryPoller(lambda: None)

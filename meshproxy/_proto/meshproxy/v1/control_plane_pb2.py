@@ -27,7 +27,7 @@ from meshproxy._proto.meshproxy.v1 import bootstrap_pb2 as meshproxy_dot_v1_dot_
 from meshproxy._proto.meshproxy.v1 import resources_pb2 as meshproxy_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshproxy/v1/control_plane.proto\x12\x0cmeshproxy.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cmeshproxy/v1/bootstrap.proto\x1a\x1cmeshproxy/v1/resources.proto\"\xc4\x02\n\x12\x43ontrolPlaneConfig\x12\x14\n\x0cgrpc_address\x18\x01 \x01(\t\x12\x15\n\radmin_address\x18\x02 \x01(\t\x12\x30\n\tresources\x18\x03 \x01(\x0b\x32\x1d.meshproxy.v1.StaticResources\x12*\n\tdiscovery\x18\x04 \x01(\x0b\x32\x17.meshproxy.v1.Discovery\x12\x30\n\x0cregistration\x18\x05 \x01(\x0b\x32\x1a.meshproxy.v1.Registration\x12\x31\n\x0ewatch_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nidentifier\x18\x07 \x01(\t\x12*\n\tkeepalive\x18\x08 \x01(\x0b\x32\x17.meshproxy.v1.Keepalive\"\xc4\x01\n\tDiscovery\x12\'\n\x08runtimes\x18\x01 \x03(\x0b\x32\x15.meshproxy.v1.Runtime\x12\x30\n\rpoll_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frequest_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"o\n\x0cRegistration\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Durationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshproxy/v1/control_plane.proto\x12\x0cmeshproxy.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cmeshproxy/v1/bootstrap.proto\x1a\x1cmeshproxy/v1/resources.proto\"\xc4\x02\n\x12\x43ontrolPlaneConfig\x12\x14\n\x0cgrpc_address\x18\x01 \x01(\t\x12\x15\n\radmin_address\x18\x02 \x01(\t\x12\x30\n\tresources\x18\x03 \x01(\x0b\x32\x1d.meshproxy.v1.StaticResources\x12*\n\tdiscovery\x18\x04 \x01(\x0b\x32\x17.meshproxy.v1.Discovery\x12\x30\n\x0cregistration\x18\x05 \x01(\x0b\x32\x1a.meshproxy.v1.Registration\x12\x31\n\x0ewatch_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nidentifier\x18\x07 \x01(\t\x12*\n\tkeepalive\x18\x08 \x01(\x0b\x32\x17.meshproxy.v1.Keepalive\"\xc4\x01\n\tDiscovery\x12\'\n\x08runtimes\x18\x01 \x03(\x0b\x32\x15.meshproxy.v1.Runtime\x12\x30\n\rpoll_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frequest_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x83\x01\n\x0cRegistration\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nstate_path\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTROLPLANECONFIG']._serialized_end=467
   _globals['_DISCOVERY']._serialized_start=470
   _globals['_DISCOVERY']._serialized_end=666
-  _globals['_REGISTRATION']._serialized_start=668
-  _globals['_REGISTRATION']._serialized_end=779
+  _globals['_REGISTRATION']._serialized_start=669
+  _globals['_REGISTRATION']._serialized_end=800
 # @@protoc_insertion_point(module_scope)
