@@ -114,6 +114,20 @@ def upstream_head(method: bytes, url: bytes, model: str, target, req: RequestHea
     return b"".join(head)
 
 
+_HOST_LINE = re.compile(rb"(?i)\r\nhost:[ \t]*([^\r\n]*?)[ \t]*\r\n")
+
+
+def shadow_host(head: bytes) -> bytes:
+    """`head` with `-shadow` added to its Host (before a port), for a mirrored copy."""
+    found = _HOST_LINE.search(head)
+    if found is None:
+        return head
+    host = found.group(1)
+    name, colon, port = host.rpartition(b":")
+    host = name + b"-shadow:" + port if colon and port.isdigit() else host + b"-shadow"
+    return head[:found.start(1)] + host + head[found.end(1):]
+
+
 def rewrite_path(url: bytes, model: str, target) -> bytes:
     """Point a /v2/models/{model}/... path at the target model (and version) a split chose."""
     prefix = b"/v2/models/" + model.encode()

@@ -410,8 +410,8 @@ class HttpConnection(asyncio.Protocol):
             ex.outbox = []
         m = route.mirror
         if m is not None and m.inflight < m.max_concurrent and ctx.rnd() < m.fraction:
-            ex.mirror = (m, headers.upstream_head(ex.method, ex.url, model, m.target, req,
-                                                  self.client_ip, settings.model_headers))
+            ex.mirror = (m, headers.shadow_host(headers.upstream_head(
+                ex.method, ex.url, model, m.target, req, self.client_ip, settings.model_headers)))
         if seen.target is target:
             head = seen.upstream_head
         else:

@@ -1,11 +1,15 @@
 """REST edges a user meets in operation: runtimes that hang, mirrored copies of odd requests,
 and what the access log and metrics say about requests that did not end normally."""
 
+import asyncio
 import collections
+import contextlib
+import re
+import types
 
 import aiohttp
 
-from tests.integration.harness import proxy_file, rt_yaml, runtimes
+from tests.integration.harness import eventually, free_port, proxy_file, rt_yaml, runtimes
 from tests.integration.test_traffic_policy import SUM, config, infer, metric
 
 
@@ -25,3 +29,81 @@ async def test_a_runtime_that_hangs_past_the_route_timeout_is_ejected(tmp_path):
             assert statuses.count(504) == 2, collections.Counter(statuses)
             assert statuses[-8:] == [200] * 8
             assert metric(p, "meshproxy_outlier_ejections_total", runtime="hung") == 1
+
+
+@contextlib.asynccontextmanager
+async def recording_runtime(name: str, models: list[str]):
+    """A runtime on a free port that keeps each request head it reads and answers 200 (a
+    HEAD with the head only); yields (a runtime for rt_yaml, the heads)."""
+    heads: list[bytes] = []
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                heads.append(head)
+                body = b'{"outputs": []}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n" % len(body)
+                             + (b"" if head.startswith(b"HEAD ") else body))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    rt = types.SimpleNamespace(name=name, http_port=server.sockets[0].getsockname()[1],
+                               loaded_models=lambda: models)
+    try:
+        yield rt, heads
+    finally:
+        server.close()
+
+
+def mirror_outcomes(p) -> dict[str, float]:
+    return {o: metric(p, "meshproxy_mirror_requests_total", outcome=o)
+            for o in ("ok", "error", "failed", "timeout", "primary_failed")}
+
+
+async def test_a_mirrored_copy_says_shadow_in_its_host_and_a_head_copy_ends_at_once(tmp_path):
+    # Envoy adds -shadow to a copy's Host, so the shadow side can tell copies from traffic. A
+    # copy of a HEAD request has an answer without a body: it used to wait for one until the
+    # route timeout, holding a connection and a max_concurrent slot, then count `timeout`.
+    async with runtimes(("primary", ["sum"])) as (primary,), \
+            recording_runtime("shadow", ["sum-shadow"]) as (shadow, heads):
+        routes = "- {model: sum, timeout: 5s, mirror: {model: sum-shadow, fraction: 1.0}}"
+        async with proxy_file(tmp_path / "p.yaml",
+                              config(rt_yaml(primary), rt_yaml(shadow), routes=routes)) as p:
+            async with aiohttp.ClientSession() as s:
+                assert (await infer(s, p.http_port, headers={"host": "infer.example:8080"}))[0] \
+                    == 200
+                async with s.head(f"http://127.0.0.1:{p.http_port}/v2/models/sum/ready",
+                                  headers={"host": "infer.example"}) as r:
+                    assert r.status == 200
+            await eventually(lambda: mirror_outcomes(p)["ok"] == 2, timeout=2)
+            assert mirror_outcomes(p)["timeout"] == 0
+    hosts = [re.search(rb"(?i)\r\nhost: *([^\r]*)", h).group(1) for h in heads]
+    assert hosts == [b"infer.example-shadow:8080", b"infer.example-shadow"]
+
+
+async def test_a_request_answered_before_its_body_arrived_is_not_mirrored_half(tmp_path):
+    # The primary runtime refuses connections: the client gets its 502 before it sent the body,
+    # whose rest is then read and dropped. The copy used to go out with the head and no body,
+    # and the shadow runtime waited for it until the route timeout.
+    dead = f"    - name: dead\n      http_address: 127.0.0.1:{free_port()}\n      models: [{{name: sum}}]\n"
+    async with recording_runtime("shadow", ["sum-shadow"]) as (shadow, heads):
+        routes = "- {model: sum, timeout: 3s, mirror: {model: sum-shadow, fraction: 1.0}}"
+        async with proxy_file(tmp_path / "p.yaml",
+                              config(dead, rt_yaml(shadow), routes=routes)) as p:
+            body = b'{"inputs": []}'
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+            writer.write(b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"content-length: %d\r\n\r\n" % len(body))
+            async with asyncio.timeout(5):
+                answer = await reader.readuntil(b"\r\n\r\n")
+                writer.write(body)
+                await writer.drain()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 502")
+            await eventually(lambda: mirror_outcomes(p)["primary_failed"] == 1, timeout=2)
+            assert p.ctx.snapshot.endpoints["shadow"].active == 0 and heads == []
