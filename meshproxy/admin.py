@@ -53,11 +53,11 @@ def stats_response(registry) -> web.Response:
 
 
 def build_admin(app) -> web.Application:
-    """Routes for one ProxyApp (`app` has .ctx, .config, .metrics, .ready())."""
+    """Routes for one ProxyApp (`app` has .ctx, .config, .metrics, .state())."""
 
     async def ready(_):
-        ok = app.ready()
-        return web.Response(text="LIVE\n" if ok else "DRAINING\n", status=200 if ok else 503)
+        state = app.state()
+        return web.Response(text=state + "\n", status=200 if state == "LIVE" else 503)
 
     async def live(_):
         return web.Response(text="LIVE\n")

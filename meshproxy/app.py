@@ -122,7 +122,16 @@ class ProxyApp:
             self.ctx.access_log)
 
     def ready(self) -> bool:
-        return self.server is not None and not self.ctx.draining
+        return self.state() == "LIVE"
+
+    def state(self) -> str:
+        """LIVE, DRAINING, or INITIALIZING: not serving yet, or waiting for the control
+        plane's first table (dynamic_resources.initial_fetch_timeout), as Envoy's /ready."""
+        if self.ctx.draining:
+            return "DRAINING"
+        if self.server is None or (self.discovery is not None and not self.discovery.initialized):
+            return "INITIALIZING"
+        return "LIVE"
 
     async def _tick(self) -> None:
         while True:

@@ -88,6 +88,7 @@ class DynamicSettings:
     sidecar_poll_interval: float
     keepalive_interval: float = 10.0  # pings on the control-plane connection
     keepalive_timeout: float = 5.0
+    initial_fetch_timeout: float = 15.0  # ready without a first response after this; 0: never
 
 
 def read_file(path: str) -> str:
@@ -238,7 +239,17 @@ def _dynamic(b: bootstrap_pb2.Bootstrap) -> DynamicSettings | None:
     return DynamicSettings(addresses, d.protocol == bootstrap_pb2.DynamicResources.DELTA, initial,
                            maximum, d.snapshot_path, sidecar,
                            _seconds(d.sidecar, "poll_interval", 2.0, f"{where}sidecar."),
-                           interval, _seconds(d.keepalive, "timeout", 5.0, f"{where}keepalive."))
+                           interval, _seconds(d.keepalive, "timeout", 5.0, f"{where}keepalive."),
+                           _initial_fetch_timeout(d, where))
+
+
+def _initial_fetch_timeout(d: bootstrap_pb2.DynamicResources, where: str) -> float:
+    if not d.HasField("initial_fetch_timeout"):
+        return 15.0
+    value = d.initial_fetch_timeout.ToNanoseconds() / 1e9
+    if value < 0:
+        raise ConfigError(f"{where}initial_fetch_timeout: must not be negative")
+    return value
 
 
 def parse_address(text: str, where: str) -> Address:

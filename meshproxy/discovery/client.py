@@ -23,7 +23,7 @@ import grpc
 
 from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, discovery_pb2_grpc
 from meshproxy.config import DynamicSettings
-from meshproxy.discovery.state import SubscriptionState, reconnect_delay
+from meshproxy.discovery.state import TYPE_URLS, SubscriptionState, reconnect_delay
 
 log = logging.getLogger("meshproxy.discovery")
 CONNECT_TIMEOUT = 2.0
@@ -66,15 +66,39 @@ class AdsClient:
         self._rnd = rnd
         self._task: asyncio.Task | None = None
         self.connected_to: str | None = None
+        # a first response of every type came (or a snapshot was read, or the initial fetch
+        # timed out): the proxy may report ready
+        self.initialized = False
+        self._answered: set[str] = set()
+        self._init_timer: asyncio.TimerHandle | None = None
         self.streams = 0          # streams opened
         self.updates = 0          # snapshots applied
         self.on_update: Callable[[], None] | None = None  # test and bench hook
 
     async def start(self) -> None:
         self._restore()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="ads-client")
+        loop = asyncio.get_running_loop()
+        wait = self.settings.initial_fetch_timeout
+        if not self.initialized and wait > 0:
+            self._init_timer = loop.call_later(wait, self._init_timed_out)
+        self._task = loop.create_task(self._run(), name="ads-client")
+
+    def _initialized(self) -> None:
+        self.initialized = True
+        if self._init_timer is not None:
+            self._init_timer.cancel()
+            self._init_timer = None
+
+    def _init_timed_out(self) -> None:
+        self._init_timer = None
+        if not self.initialized:
+            log.warning("no control plane answered within initial_fetch_timeout (%gs); ready "
+                        "with the static resources only", self.settings.initial_fetch_timeout)
+            self.initialized = True
 
     async def stop(self) -> None:
+        if self._init_timer is not None:
+            self._init_timer.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -146,6 +170,10 @@ class AdsClient:
         if outcome.nack is not None:
             log.warning("NACK %s nonce=%s version=%s: %s", response.type_url, outcome.nack.nonce,
                         outcome.nack.version, outcome.nack.message)
+        if not self.initialized:  # a first answer, taken or refused, ends the wait (Envoy)
+            self._answered.add(response.type_url)
+            if self._answered >= set(TYPE_URLS):
+                self._initialized()
         return outcome.request
 
     def _reapply(self) -> None:
@@ -181,6 +209,7 @@ class AdsClient:
         log.info("serving snapshot %s from %s until a control plane answers",
                  self.state.version(), path)
         self._apply()
+        self._initialized()
 
     def _save(self) -> None:
         path = self.settings.snapshot_path

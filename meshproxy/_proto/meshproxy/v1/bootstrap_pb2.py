@@ -27,7 +27,7 @@ from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb
 from meshproxy._proto.meshproxy.v1 import resources_pb2 as meshproxy_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshproxy/v1/bootstrap.proto\x12\x0cmeshproxy.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1egoogle/protobuf/wrappers.proto\x1a\x1cmeshproxy/v1/resources.proto\"#\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\"7\n\tListeners\x12\x14\n\x0chttp_address\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\x18\n\x05\x41\x64min\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x9f\x04\n\x0bHttpOptions\x12\x15\n\rmodel_headers\x18\x01 \x03(\t\x12?\n\x19max_request_headers_bytes\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12<\n\x16max_request_body_bytes\x18\x03 \x01(\x0b\x32\x1c.google.protobuf.UInt64Value\x12\x36\n\x13header_read_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cidle_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frequest_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x0fupstream_header\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.BoolValue\x12\x32\n\x0f\x63onnect_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x14max_idle_connections\x18\t \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x38\n\x15upstream_idle_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"d\n\x0fStaticResources\x12\'\n\x08runtimes\x18\x01 \x03(\x0b\x32\x15.meshproxy.v1.Runtime\x12(\n\x06routes\x18\x02 \x03(\x0b\x32\x18.meshproxy.v1.ModelRoute\"\xe2\x02\n\x10\x44ynamicResources\x12\x15\n\rads_addresses\x18\x01 \x03(\t\x12\x39\n\x08protocol\x18\x02 \x01(\x0e\x32\'.meshproxy.v1.DynamicResources.Protocol\x12\x32\n\x0finitial_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsnapshot_path\x18\x05 \x01(\t\x12&\n\x07sidecar\x18\x06 \x01(\x0b\x32\x15.meshproxy.v1.Sidecar\x12*\n\tkeepalive\x18\x07 \x01(\x0b\x32\x17.meshproxy.v1.Keepalive\"-\n\x08Protocol\x12\t\n\x05\x44\x45LTA\x10\x00\x12\x16\n\x12STATE_OF_THE_WORLD\x10\x01\"d\n\tKeepalive\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"c\n\x07Sidecar\x12&\n\x07runtime\x18\x01 \x01(\x0b\x32\x15.meshproxy.v1.Runtime\x12\x30\n\rpoll_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa1\x03\n\tBootstrap\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.meshproxy.v1.Node\x12*\n\tlisteners\x18\x02 \x01(\x0b\x32\x17.meshproxy.v1.Listeners\x12\"\n\x05\x61\x64min\x18\x03 \x01(\x0b\x32\x13.meshproxy.v1.Admin\x12\'\n\x04http\x18\x04 \x01(\x0b\x32\x19.meshproxy.v1.HttpOptions\x12\x37\n\x10static_resources\x18\x05 \x01(\x0b\x32\x1d.meshproxy.v1.StaticResources\x12\x39\n\x11\x64ynamic_resources\x18\x06 \x01(\x0b\x32\x1e.meshproxy.v1.DynamicResources\x12\x30\n\rdrain_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04grpc\x18\x08 \x01(\x0b\x32\x19.meshproxy.v1.GrpcOptions\x12*\n\ttelemetry\x18\t \x01(\x0b\x32\x17.meshproxy.v1.Telemetry\"`\n\tTelemetry\x12&\n\x07tracing\x18\x01 \x01(\x0b\x32\x15.meshproxy.v1.Tracing\x12+\n\naccess_log\x18\x02 \x01(\x0b\x32\x17.meshproxy.v1.AccessLog\"\xda\x01\n\x07Tracing\x12\x30\n\x08\x65xporter\x18\x01 \x01(\x0e\x32\x1e.meshproxy.v1.Tracing.Exporter\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x34\n\x0esampling_ratio\x18\x03 \x01(\x0b\x32\x1c.google.protobuf.DoubleValue\x12\x14\n\x0cservice_name\x18\x04 \x01(\t\"?\n\x08\x45xporter\x12\x08\n\x04NONE\x10\x00\x12\r\n\tOTLP_GRPC\x10\x01\x12\r\n\tOTLP_HTTP\x10\x02\x12\x0b\n\x07\x43ONSOLE\x10\x03\"\x19\n\tAccessLog\x12\x0c\n\x04path\x18\x01 \x01(\t\"F\n\x0bGrpcOptions\x12\x37\n\x11max_message_bytes\x18\x01 \x01(\x0b\x32\x1c.google.protobuf.UInt32Valueb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshproxy/v1/bootstrap.proto\x12\x0cmeshproxy.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1egoogle/protobuf/wrappers.proto\x1a\x1cmeshproxy/v1/resources.proto\"#\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\"7\n\tListeners\x12\x14\n\x0chttp_address\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\x18\n\x05\x41\x64min\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x9f\x04\n\x0bHttpOptions\x12\x15\n\rmodel_headers\x18\x01 \x03(\t\x12?\n\x19max_request_headers_bytes\x18\x02 \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12<\n\x16max_request_body_bytes\x18\x03 \x01(\x0b\x32\x1c.google.protobuf.UInt64Value\x12\x36\n\x13header_read_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cidle_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frequest_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x33\n\x0fupstream_header\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.BoolValue\x12\x32\n\x0f\x63onnect_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x14max_idle_connections\x18\t \x01(\x0b\x32\x1c.google.protobuf.UInt32Value\x12\x38\n\x15upstream_idle_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"d\n\x0fStaticResources\x12\'\n\x08runtimes\x18\x01 \x03(\x0b\x32\x15.meshproxy.v1.Runtime\x12(\n\x06routes\x18\x02 \x03(\x0b\x32\x18.meshproxy.v1.ModelRoute\"\x9c\x03\n\x10\x44ynamicResources\x12\x15\n\rads_addresses\x18\x01 \x03(\t\x12\x39\n\x08protocol\x18\x02 \x01(\x0e\x32\'.meshproxy.v1.DynamicResources.Protocol\x12\x32\n\x0finitial_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsnapshot_path\x18\x05 \x01(\t\x12&\n\x07sidecar\x18\x06 \x01(\x0b\x32\x15.meshproxy.v1.Sidecar\x12*\n\tkeepalive\x18\x07 \x01(\x0b\x32\x17.meshproxy.v1.Keepalive\x12\x38\n\x15initial_fetch_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x08Protocol\x12\t\n\x05\x44\x45LTA\x10\x00\x12\x16\n\x12STATE_OF_THE_WORLD\x10\x01\"d\n\tKeepalive\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"c\n\x07Sidecar\x12&\n\x07runtime\x18\x01 \x01(\x0b\x32\x15.meshproxy.v1.Runtime\x12\x30\n\rpoll_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa1\x03\n\tBootstrap\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.meshproxy.v1.Node\x12*\n\tlisteners\x18\x02 \x01(\x0b\x32\x17.meshproxy.v1.Listeners\x12\"\n\x05\x61\x64min\x18\x03 \x01(\x0b\x32\x13.meshproxy.v1.Admin\x12\'\n\x04http\x18\x04 \x01(\x0b\x32\x19.meshproxy.v1.HttpOptions\x12\x37\n\x10static_resources\x18\x05 \x01(\x0b\x32\x1d.meshproxy.v1.StaticResources\x12\x39\n\x11\x64ynamic_resources\x18\x06 \x01(\x0b\x32\x1e.meshproxy.v1.DynamicResources\x12\x30\n\rdrain_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04grpc\x18\x08 \x01(\x0b\x32\x19.meshproxy.v1.GrpcOptions\x12*\n\ttelemetry\x18\t \x01(\x0b\x32\x17.meshproxy.v1.Telemetry\"`\n\tTelemetry\x12&\n\x07tracing\x18\x01 \x01(\x0b\x32\x15.meshproxy.v1.Tracing\x12+\n\naccess_log\x18\x02 \x01(\x0b\x32\x17.meshproxy.v1.AccessLog\"\xda\x01\n\x07Tracing\x12\x30\n\x08\x65xporter\x18\x01 \x01(\x0e\x32\x1e.meshproxy.v1.Tracing.Exporter\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x34\n\x0esampling_ratio\x18\x03 \x01(\x0b\x32\x1c.google.protobuf.DoubleValue\x12\x14\n\x0cservice_name\x18\x04 \x01(\t\"?\n\x08\x45xporter\x12\x08\n\x04NONE\x10\x00\x12\r\n\tOTLP_GRPC\x10\x01\x12\r\n\tOTLP_HTTP\x10\x02\x12\x0b\n\x07\x43ONSOLE\x10\x03\"\x19\n\tAccessLog\x12\x0c\n\x04path\x18\x01 \x01(\t\"F\n\x0bGrpcOptions\x12\x37\n\x11max_message_bytes\x18\x01 \x01(\x0b\x32\x1c.google.protobuf.UInt32Valueb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,23 +45,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATICRESOURCES']._serialized_start=806
   _globals['_STATICRESOURCES']._serialized_end=906
   _globals['_DYNAMICRESOURCES']._serialized_start=909
-  _globals['_DYNAMICRESOURCES']._serialized_end=1263
-  _globals['_DYNAMICRESOURCES_PROTOCOL']._serialized_start=1218
-  _globals['_DYNAMICRESOURCES_PROTOCOL']._serialized_end=1263
-  _globals['_KEEPALIVE']._serialized_start=1265
-  _globals['_KEEPALIVE']._serialized_end=1365
-  _globals['_SIDECAR']._serialized_start=1367
-  _globals['_SIDECAR']._serialized_end=1466
-  _globals['_BOOTSTRAP']._serialized_start=1469
-  _globals['_BOOTSTRAP']._serialized_end=1886
-  _globals['_TELEMETRY']._serialized_start=1888
-  _globals['_TELEMETRY']._serialized_end=1984
-  _globals['_TRACING']._serialized_start=1987
-  _globals['_TRACING']._serialized_end=2205
-  _globals['_TRACING_EXPORTER']._serialized_start=2142
-  _globals['_TRACING_EXPORTER']._serialized_end=2205
-  _globals['_ACCESSLOG']._serialized_start=2207
-  _globals['_ACCESSLOG']._serialized_end=2232
-  _globals['_GRPCOPTIONS']._serialized_start=2234
-  _globals['_GRPCOPTIONS']._serialized_end=2304
+  _globals['_DYNAMICRESOURCES']._serialized_end=1321
+  _globals['_DYNAMICRESOURCES_PROTOCOL']._serialized_start=1276
+  _globals['_DYNAMICRESOURCES_PROTOCOL']._serialized_end=1321
+  _globals['_KEEPALIVE']._serialized_start=1323
+  _globals['_KEEPALIVE']._serialized_end=1423
+  _globals['_SIDECAR']._serialized_start=1425
+  _globals['_SIDECAR']._serialized_end=1524
+  _globals['_BOOTSTRAP']._serialized_start=1527
+  _globals['_BOOTSTRAP']._serialized_end=1944
+  _globals['_TELEMETRY']._serialized_start=1946
+  _globals['_TELEMETRY']._serialized_end=2042
+  _globals['_TRACING']._serialized_start=2045
+  _globals['_TRACING']._serialized_end=2263
+  _globals['_TRACING_EXPORTER']._serialized_start=2200
+  _globals['_TRACING_EXPORTER']._serialized_end=2263
+  _globals['_ACCESSLOG']._serialized_start=2265
+  _globals['_ACCESSLOG']._serialized_end=2290
+  _globals['_GRPCOPTIONS']._serialized_start=2292
+  _globals['_GRPCOPTIONS']._serialized_end=2362
 # @@protoc_insertion_point(module_scope)

@@ -67,7 +67,7 @@ class StaticResources(_message.Message):
     def __init__(self, runtimes: _Optional[_Iterable[_Union[_resources_pb2.Runtime, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[_resources_pb2.ModelRoute, _Mapping]]] = ...) -> None: ...
 
 class DynamicResources(_message.Message):
-    __slots__ = ("ads_addresses", "protocol", "initial_backoff", "max_backoff", "snapshot_path", "sidecar", "keepalive")
+    __slots__ = ("ads_addresses", "protocol", "initial_backoff", "max_backoff", "snapshot_path", "sidecar", "keepalive", "initial_fetch_timeout")
     class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DELTA: _ClassVar[DynamicResources.Protocol]
@@ -81,6 +81,7 @@ class DynamicResources(_message.Message):
     SNAPSHOT_PATH_FIELD_NUMBER: _ClassVar[int]
     SIDECAR_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FETCH_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     ads_addresses: _containers.RepeatedScalarFieldContainer[str]
     protocol: DynamicResources.Protocol
     initial_backoff: _duration_pb2.Duration
@@ -88,7 +89,8 @@ class DynamicResources(_message.Message):
     snapshot_path: str
     sidecar: Sidecar
     keepalive: Keepalive
-    def __init__(self, ads_addresses: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[DynamicResources.Protocol, str]] = ..., initial_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_path: _Optional[str] = ..., sidecar: _Optional[_Union[Sidecar, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
+    initial_fetch_timeout: _duration_pb2.Duration
+    def __init__(self, ads_addresses: _Optional[_Iterable[str]] = ..., protocol: _Optional[_Union[DynamicResources.Protocol, str]] = ..., initial_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_path: _Optional[str] = ..., sidecar: _Optional[_Union[Sidecar, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., initial_fetch_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Keepalive(_message.Message):
     __slots__ = ("interval", "timeout")
