@@ -162,12 +162,20 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = self.ctx.now + self.ctx.settings.header_read_timeout
 
     def connection_lost(self, exc) -> None:
+        """The client went away (or the drain deadline cut it off): each request it had sent
+        a head for still gets its access-log line, metrics and span, with status 0 when no
+        answer had started (Envoy logs response code 0, flag DC)."""
         self.closed = True
         self.ctx.connections.discard(self)
-        for ex in self.queue:
+        queue, self.queue = self.queue, collections.deque()
+        for ex in queue:
             ex.abort_upstream()
-            ex.finished()
-        self.queue.clear()
+            if ex.head_done and not ex.logged:
+                if not ex.started:
+                    ex.status = 0
+                self.finish(ex)
+            else:
+                ex.finished()
 
     def eof_received(self) -> bool:
         """The client half-closed. The requests it sent whole are still answered, in order, and
@@ -528,6 +536,7 @@ class HttpConnection(asyncio.Protocol):
         """The exchange is over both ways: record it and move on to the next or close."""
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
+        ex.logged = True
         routed = ex.target is not None
         if self.ctx.access_log is not None:
             self.ctx.access_log.record(ex, "rest")

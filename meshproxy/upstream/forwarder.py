@@ -32,7 +32,7 @@ class Exchange:
                  "routed", "target", "balancer", "key", "replay", "replay_size", "tries",
                  "in_try", "swallow", "retrying", "deadline", "try_deadline", "mirror",
                  "t_try", "t_sent", "overhead", "bytes_out", "span", "try_span", "base_head",
-                 "retry_reason", "known")
+                 "retry_reason", "known", "logged")
 
     def __init__(self, conn):
         self.conn = conn  # ingress.http.HttpConnection
@@ -40,7 +40,7 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.method = b""
         self.head_done = self.request_done = self.started = self.response_done = False
-        self.chunked = self.discard = self.close_after = self.routed = False
+        self.chunked = self.discard = self.close_after = self.routed = self.logged = False
         self.in_try = self.swallow = self.retrying = False
         self.keep_alive = True
         self.model = ""

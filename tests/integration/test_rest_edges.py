@@ -4,7 +4,10 @@ and what the access log and metrics say about requests that did not end normally
 import asyncio
 import collections
 import contextlib
+import json
 import re
+import socket
+import struct
 import types
 
 import aiohttp
@@ -107,3 +110,27 @@ async def test_a_request_answered_before_its_body_arrived_is_not_mirrored_half(t
             assert answer.startswith(b"HTTP/1.1 502")
             await eventually(lambda: mirror_outcomes(p)["primary_failed"] == 1, timeout=2)
             assert p.ctx.snapshot.endpoints["shadow"].active == 0 and heads == []
+
+
+async def test_a_request_whose_client_went_away_is_still_logged_and_counted(tmp_path):
+    # A client that times out or is killed mid-request used to leave no access-log line and
+    # no count; Envoy logs it with response code 0.
+    log = tmp_path / "access.log"
+    async with runtimes(("slow", ["sum"]), latency_ms=2000) as (slow,):
+        extra = f"telemetry: {{access_log: {{path: '{log}'}}}}\n"
+        async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(slow), extra=extra)) as p:
+            body = json.dumps(SUM).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+            writer.write(b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"content-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+            await eventually(lambda: p.ctx.snapshot.endpoints["slow"].active == 1, timeout=2)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()  # a reset, with the answer still to come
+            await eventually(lambda: metric(p, "meshproxy_requests_total", model="sum",
+                                            code="0") == 1, timeout=2)
+            assert p.ctx.snapshot.endpoints["slow"].active == 0  # its try was let go
+    lines = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [(ln["model"], ln["status"], ln["runtime"]) for ln in lines] == [("sum", 0, "slow")]
