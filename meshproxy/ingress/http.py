@@ -407,6 +407,8 @@ class HttpConnection(asyncio.Protocol):
             self.answer_local(ex)
             return
         ex.model = model
+        if ctx.tracing is not None:  # before the lookups: their errors get a span too
+            ctx.tracing.start_request(ex, model)
         target, balancer = ctx.snapshot.match(model, version, ctx.rnd, ex.header, ctx.now)
         route = target.route
         if route.hash_header:
@@ -426,8 +428,6 @@ class HttpConnection(asyncio.Protocol):
             head = seen.upstream_head = headers.upstream_head(
                 ex.method, ex.url, model, target, req, self.client_ip, settings.model_headers)
             seen.target = target
-        if ctx.tracing is not None:
-            ctx.tracing.start_request(ex, model)
         ex.first_try(target, balancer, endpoint, head, ctx.now)
         for piece in pending:
             if piece is None:
@@ -485,14 +485,17 @@ class HttpConnection(asyncio.Protocol):
             if up is not None:
                 up.last_head, up.last_kept = head, kept
         parts = [kept]
+        size = len(kept) + 2 + len(rest)
         if settings.upstream_header:
             parts.append(ex.endpoint.served_header)
+            size += len(ex.endpoint.served_header)
         if close:
             parts.append(b"connection: close\r\n")
+            size += 19
         parts.append(b"\r\n")
         if rest:
             parts.append(rest)
-        ex.bytes_out += len(kept) + 2 + len(rest)
+        ex.bytes_out += size
         self.transport.writelines(parts)
 
     def answer_local(self, ex: Exchange) -> None:
@@ -505,10 +508,12 @@ class HttpConnection(asyncio.Protocol):
         ex.status = status
         ex.started = ex.response_done = ex.discard = True
         keep = ex.keep_alive and not self.ctx.draining
-        self.transport.write(b"".join((
+        answer = b"".join((
             b"HTTP/1.1 %d %s\r\n" % (status, b"OK" if status == 200 else b"Service Unavailable"),
             b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-            b"" if keep else b"connection: close\r\n", b"\r\n", body)))
+            b"" if keep else b"connection: close\r\n", b"\r\n", body))
+        ex.bytes_out += len(answer)
+        self.transport.write(answer)
         if ex.request_done:
             self.finish(ex)
 
@@ -524,8 +529,9 @@ class HttpConnection(asyncio.Protocol):
             ex.started = True
             ex.status = err.status
             ex.close_after = ex.close_after or err.close
-            self.transport.write(render_http(
-                err, ex.keep_alive and not ex.close_after and not self.ctx.draining))
+            answer = render_http(err, ex.keep_alive and not ex.close_after and not self.ctx.draining)
+            ex.bytes_out += len(answer)
+            self.transport.write(answer)
         ex.response_done = True
         if err.close:
             self.finish(ex, force_close=True)
@@ -591,9 +597,17 @@ class HttpConnection(asyncio.Protocol):
             self.fatal = err
             self.pause_client()
             return
+        if cur is None or cur.logged:  # no head was begun: the line has no method or path
+            cur = Exchange(self)
+        cur.status, cur.logged = err.status, True
+        answer = render_http(err, False)
+        cur.bytes_out = len(answer)
         self.ctx.metrics.record_local_error(err.status, type(err).__name__)
-        self.ctx.metrics.record_request("", "rest", err.status, "", 0.0)
-        self.transport.write(render_http(err, False))
+        self.ctx.metrics.record_request("", "rest", err.status, "", time.perf_counter() - cur.t0,
+                                        cur.body_bytes, cur.bytes_out)
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.record(cur, "rest")
+        self.transport.write(answer)
         self.close()
 
     def expire(self) -> None:

@@ -12,7 +12,7 @@ import types
 
 import aiohttp
 
-from tests.integration.harness import eventually, free_port, proxy_file, rt_yaml, runtimes
+from tests.integration.harness import eventually, free_port, proxy_file, raw, rt_yaml, runtimes
 from tests.integration.test_traffic_policy import SUM, config, infer, metric
 
 
@@ -134,3 +134,46 @@ async def test_a_request_whose_client_went_away_is_still_logged_and_counted(tmp_
             assert p.ctx.snapshot.endpoints["slow"].active == 0  # its try was let go
     lines = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert [(ln["model"], ln["status"], ln["runtime"]) for ln in lines] == [("sum", 0, "slow")]
+
+
+async def test_protocol_errors_are_logged_and_bytes_out_is_what_the_client_got(tmp_path):
+    # A request that is not valid HTTP got its 400 but no access-log line; bytes_out left out
+    # local answers, error answers and the headers the proxy adds.
+    log = tmp_path / "access.log"
+    async with runtimes(("r1", ["sum"])) as (r1,):
+        extra = f"telemetry: {{access_log: {{path: '{log}'}}}}\n"
+        async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(r1), extra=extra)) as p:
+            got = []
+            for request in (b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                            b"GET /v2/models/nope/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                            b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                            b"NOT HTTP AT ALL\r\n\r\n"):
+                got.append(await raw(p.http_port, request))
+    assert [int(g.split(b" ")[1]) for g in got] == [200, 404, 200, 400]
+    lines = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [ln["status"] for ln in lines] == [200, 404, 200, 400]
+    assert [ln["bytes_out"] for ln in lines] == [len(g) for g in got]
+
+
+async def test_a_request_refused_before_routing_gets_its_server_span(tmp_path):
+    # An unknown model (404) or a rate-limited request (429) got no span, so a sampled
+    # trace lost the request and its access-log line had no trace_id.
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from meshproxy.app import ProxyApp
+    from meshproxy.config import load_text
+    exporter = InMemorySpanExporter()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with runtimes(("r1", ["sum"])) as (r1,):
+        app = ProxyApp(load_text(config(rt_yaml(r1))), span_exporter=exporter)
+        await app.start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                status, *_ = await infer(s, app.http_port, model="nope",
+                                         headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+            app.ctx.tracing.provider.force_flush()
+        finally:
+            await app.stop()
+    assert status == 404
+    spans = exporter.get_finished_spans()
+    assert [(s.name, f"{s.context.trace_id:032x}", s.attributes["http.response.status_code"])
+            for s in spans] == [("POST nope", trace_id, 404)]
