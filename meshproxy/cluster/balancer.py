@@ -1,4 +1,13 @@
-"""Load balancers: pick one endpoint of a cluster. Picked by name from BALANCERS at load time."""
+"""Load balancers: pick one endpoint of a cluster. Picked by name from BALANCERS at load time.
+
+Panic: when none of a balancer's endpoints is healthy, it picks among all of them (other than
+`exclude`), by its own rule, instead of answering none. This is Envoy's panic mode at its
+extreme: Envoy's default healthy_panic_threshold is 50% (under half healthy, it balances over
+all hosts); meshproxy panics only at 0 healthy, so a partly healthy cluster keeps its traffic
+on the healthy endpoints. Like Envoy's, panic is a state of the cluster, not of one pick: when
+the only healthy endpoint is `exclude` (a retry, a full endpoint), the answer is None and the
+caller may take that one again rather than an unhealthy one.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +24,8 @@ Random = Callable[[], float]  # random.random, or a fake in tests
 class LoadBalancer(Protocol):
     def pick(self, rnd: Random, exclude: Endpoint | None = None,
              key: float | None = None) -> Endpoint | None:
-        """A healthy endpoint other than `exclude`, or None when there is none.
+        """A healthy endpoint other than `exclude`, or None when there is none; when no
+        endpoint at all is healthy, any other than `exclude` (panic).
 
         `key` in [0, 1) is a request's hash (ring_hash, maglev); others ignore it.
         """
@@ -37,19 +47,25 @@ class _Weighted:
         return self.endpoints[bisect.bisect_right(self._cumulative, rnd() * self._total)]
 
     def _fallback(self, exclude: Endpoint | None, key) -> Endpoint | None:
-        usable = [e for e in self.endpoints if e.healthy and e is not exclude]
+        usable = _usable(self.endpoints, exclude)
         return min(usable, key=key) if usable else None
 
 
-def _load(e: Endpoint) -> float:
-    return (e.active + 1) / e.weight
+def _usable(endpoints: Sequence[Endpoint], exclude: Endpoint | None) -> list[Endpoint]:
+    """The healthy endpoints other than `exclude`; when none is healthy, all others (panic)."""
+    if not any(e.healthy for e in endpoints):
+        return [e for e in endpoints if e is not exclude]
+    return [e for e in endpoints if e.healthy and e is not exclude]
 
 
 class LeastRequest(_Weighted):
-    """Power of `choice_count` choices: draw that many by weight, keep the least loaded.
+    """Power of `choice_count` choices: draw that many by weight, keep the one with the fewest
+    requests in flight (ties keep the first drawn).
 
-    Load is (active + 1) / weight, so a heavier endpoint takes proportionally more
-    concurrent requests. When the draws find nothing usable, a scan picks the least loaded.
+    The weight acts once, in the draw: idle endpoints (every tie) take traffic in proportion
+    to their weights, for any number of endpoints; under load the fewer-in-flight rule moves
+    traffic off busy ones. When the draws find nothing usable, a scan picks the least busy
+    (ties at random).
     """
 
     def __init__(self, endpoints: Sequence[Endpoint], choice_count: int = 2, **_options):
@@ -61,14 +77,13 @@ class LeastRequest(_Weighted):
         eps = self.endpoints
         if len(eps) == 1:
             e = eps[0]
-            return e if e.healthy and e is not exclude else None
+            return e if e is not exclude else None  # healthy, or the only one there is (panic)
         best = None
         for _ in range(self.choice_count):
             e = self._draw(rnd)
-            if e.healthy and e is not exclude and (
-                    best is None or (e.active + 1) * best.weight < (best.active + 1) * e.weight):
+            if e.healthy and e is not exclude and (best is None or e.active < best.active):
                 best = e
-        return best if best is not None else self._fallback(exclude, _load)
+        return best if best is not None else self._fallback(exclude, lambda e: (e.active, rnd()))
 
 
 class RandomBalancer(_Weighted):
@@ -90,10 +105,16 @@ class RoundRobin:
 
     def pick(self, rnd: Random, exclude: Endpoint | None = None,
              key: float | None = None) -> Endpoint | None:
+        e = self._step(exclude, True)
+        if e is None and not any(x.healthy for x in self.endpoints):
+            e = self._step(exclude, False)  # panic
+        return e
+
+    def _step(self, exclude: Endpoint | None, healthy_only: bool) -> Endpoint | None:
         best_i = -1
         total = 0
         for i, e in enumerate(self.endpoints):
-            if not e.healthy or e is exclude:
+            if (healthy_only and not e.healthy) or e is exclude:
                 continue
             self._current[i] += e.weight
             total += e.weight
@@ -131,6 +152,12 @@ class RingHash:
         for i in range(n):
             e = self._owners[(start + i) % n]
             if e.healthy and e is not exclude:
+                return e
+        if any(e.healthy for e in self.endpoints):
+            return None
+        for i in range(n):  # panic: the next owner other than `exclude`
+            e = self._owners[(start + i) % n]
+            if e is not exclude:
                 return e
         return None
 
@@ -180,8 +207,12 @@ class Maglev:
         e = self._table[slot]
         if e.healthy and e is not exclude:
             return e
-        usable = [x for x in self.endpoints if x.healthy and x is not exclude]
-        return usable[slot % len(usable)] if usable else None
+        usable = _usable(self.endpoints, exclude)
+        if not usable:
+            return None
+        if not usable[0].healthy and e is not exclude:
+            return e  # panic: the slot's own owner, so keys keep their endpoint
+        return usable[slot % len(usable)]
 
 
 BALANCERS: dict[str, Callable[..., LoadBalancer]] = {

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 
 import aiohttp
+import yarl
 
 from meshproxy.cluster.endpoints import Endpoint
 
@@ -61,6 +62,11 @@ class HealthState:
         return False
 
 
+def ready_url(e: Endpoint) -> yarl.URL:
+    """The runtime's readiness URL; an IPv6 host is bracketed ('http://[::1]:8000/...')."""
+    return yarl.URL.build(scheme="http", host=e.host, port=e.port, path="/v2/health/ready")
+
+
 class HealthChecker:
     """Runs one check loop per endpoint whose runtime has a health_check."""
 
@@ -91,7 +97,7 @@ class HealthChecker:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         state = HealthState(settings)
-        url = f"http://{e.host}:{e.port}/v2/health/ready"
+        url = ready_url(e)
         while True:
             ok = await self._check(url, settings.timeout)
             if state.record(ok):
@@ -102,7 +108,7 @@ class HealthChecker:
                 self._on_change(e, state.healthy)
             await asyncio.sleep(settings.interval)
 
-    async def _check(self, url: str, timeout: float) -> bool:
+    async def _check(self, url: yarl.URL, timeout: float) -> bool:
         try:
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200

@@ -1,12 +1,15 @@
 """Outlier detection: consecutive failures eject an endpoint for a while (pure, clock passed in).
 
 How it works: every finished try reports success or failure for its endpoint.
-A success resets the endpoint's consecutive counters; a 5xx, connect failure,
-reset or timeout raises them. When a counter reaches its threshold the
-endpoint is ejected for base_ejection_time x times ejected (capped at
-max_ejection_time), unless that would eject more than max_ejection_percent of
-the endpoints of some model it serves (one ejection is always allowed when the
-model has two or more endpoints). `sweep(now)` returns endpoints whose time is up.
+A success, or any answer below 500, resets the endpoint's consecutive counters
+(as in Envoy, a 4xx never counts); a 5xx, connect failure, reset or timeout
+raises them. When a counter reaches its threshold the endpoint is ejected for
+base_ejection_time x times ejected (capped at max_ejection_time), unless that
+would leave a model it serves with no healthy endpoint (peers failing their
+health check count as unhealthy, not only ejected ones), or eject more than
+max_ejection_percent of the endpoints of some model it serves (one ejection is
+always allowed when the model has two or more). `sweep(now)` returns endpoints
+whose time is up.
 """
 
 from __future__ import annotations
@@ -68,7 +71,11 @@ class OutlierDetector:
         e.failures_5xx = e.failures_gateway = 0
 
     def failure(self, e: Endpoint, status: int, now: float) -> bool:
-        """Count a failed try (status 0: no response at all). True when it ejected `e`."""
+        """Count a failed try (status 0: no response at all). True when it ejected `e`.
+        A status below 500 is not a failure: it resets the counters as a success does."""
+        if 0 < status < 500:
+            self.success(e)
+            return False
         s = e.outlier
         e.failures_5xx += 1
         if status == 0 or status in GATEWAY_STATUSES:
@@ -83,8 +90,8 @@ class OutlierDetector:
 
     def _may_eject(self, e: Endpoint) -> bool:
         for eps in self.peers.get(e, ()):
-            if len(eps) < 2:
-                return False  # ejecting the only holder would turn slow answers into none
+            if not any(p.healthy for p in eps if p is not e):
+                return False  # e is the model's last healthy holder: failing answers beat none
             ejected = sum(1 for p in eps if p.ejected)
             if ejected >= 1 and (ejected + 1) * 100 > e.outlier.max_ejection_percent * len(eps):
                 return False

@@ -38,13 +38,15 @@ class HeaderCondition:
             self.value = getattr(m, self.kind).encode()
 
     def holds(self, header: Header) -> bool:
+        """As Envoy's HeaderMatcher: a missing header never matches exact, prefix or regex,
+        inverted or not; `present` with `invert` means absent."""
         got = header(self.name)
         kind = self.kind
         if kind == "present":
-            ok = (got is not None) == self.value
-        elif got is None:
-            ok = False
-        elif kind == "exact":
+            return (got is not None) == (self.value != self.invert)
+        if got is None:
+            return False
+        if kind == "exact":
             ok = got == self.value
         elif kind == "prefix":
             ok = got.startswith(self.value)

@@ -4,7 +4,9 @@ How it works: the runtimes are inverted into clusters (the endpoints holding a
 model READY, with a balancer), routes are joined onto them, and the whole thing
 is frozen into a Snapshot. An update builds a new Snapshot and swaps one
 reference; requests keep the one they started with. Endpoint objects outlive
-snapshots (EndpointRegistry) so in-flight counters and keep-alive pools survive.
+snapshots (EndpointRegistry) so in-flight counters and keep-alive pools survive; so do a
+route's rate-limit bucket and its mirror's count of copies in flight, while the settings
+that made them stay the same (EndpointRegistry.carried).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from meshproxy.routing.split import Header, HeaderCondition, HeaderRule, Split, 
 from meshproxy.upstream.retry import RetryBudget, RetryPolicy, from_proto as retry_from_proto
 
 DEFAULT_RETRY = RetryPolicy()
+DEFAULT_CHOICES = 2  # least_request's choice_count when a route sets none
 READY = resources_pb2.LoadedModel.READY
 
 
@@ -46,16 +49,36 @@ class Target:
         self.route: Route | None = None
 
 
+class InFlight:
+    """The copies of one route's mirror in flight, shared by its Mirror in every snapshot."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class Mirror:
     """A shadow target: a share of requests is copied there and the answer thrown away."""
 
-    __slots__ = ("target", "fraction", "max_concurrent", "inflight")
+    __slots__ = ("target", "fraction", "max_concurrent", "_inflight")
 
-    def __init__(self, target: Target, fraction: float, max_concurrent: int):
+    def __init__(self, target: Target, fraction: float, max_concurrent: int,
+                 inflight: InFlight | None = None):
         self.target = target
         self.fraction = fraction
         self.max_concurrent = max_concurrent
-        self.inflight = 0
+        self._inflight = inflight or InFlight()
+
+    @property
+    def inflight(self) -> int:
+        """Copies in flight, counted across snapshots: a copy started under an older table
+        still holds its place under max_concurrent."""
+        return self._inflight.count
+
+    @inflight.setter
+    def inflight(self, count: int) -> None:
+        self._inflight.count = count
 
 
 class Route:
@@ -84,12 +107,18 @@ class Route:
 
 
 class EndpointRegistry:
-    """Keeps one Endpoint per runtime across snapshots; `attach` gives each new one its pool."""
+    """Keeps one Endpoint per runtime across snapshots; `attach` gives each new one its pool.
+
+    `carried` keeps the route state that must outlive snapshots too, by route model and the
+    settings that made it: token buckets (a table update must not refill a burst) and mirror
+    in-flight counts. Each build replaces it with what the new table uses.
+    """
 
     def __init__(self, attach: Callable[[Endpoint], None] = lambda e: None):
         self._attach = attach
         self.endpoints: dict[str, Endpoint] = {}
         self._replaced: list[Endpoint] = []  # by a new address since the last retain()
+        self.carried: dict[tuple, object] = {}
 
     def get(self, rt: resources_pb2.Runtime) -> Endpoint:
         addr = parse_address(rt.http_address, f"runtime {rt.name}")
@@ -173,6 +202,8 @@ class _Builder:
         self.known: set[str] = set()
         self.default_timeout = default_timeout
         self._balancers: dict[tuple, LoadBalancer | None] = {}
+        self._kept = registry.carried   # from the table in force
+        self.carried: dict[tuple, object] = {}  # what this table uses, kept or new
         for rt in runtimes:
             endpoint = registry.get(rt)
             for m in rt.models:
@@ -188,11 +219,19 @@ class _Builder:
             self._balancers[key] = BALANCERS[name](eps, choice_count=choice_count) if eps else None
         return self._balancers[key]
 
+    def carry(self, key: tuple, make: Callable[[], object]):
+        """The object the table in force keeps under `key`, else a new one from `make`."""
+        obj = self._kept.get(key)
+        if obj is None:
+            obj = make()
+        self.carried[key] = obj
+        return obj
+
     def route(self, r: resources_pb2.ModelRoute) -> Route:
         timeout = r.timeout.ToNanoseconds() / 1e9 if r.HasField("timeout") else self.default_timeout
         policy = retry_from_proto(r.retry_policy) if r.HasField("retry_policy") else DEFAULT_RETRY
         name = r.balancer or DEFAULT_BALANCER
-        choices = r.choice_count.value if r.HasField("choice_count") else 2
+        choices = _choices(r)
         budget = RetryBudget()
 
         def targets(specs) -> list[Target]:
@@ -210,29 +249,38 @@ class _Builder:
             m = r.mirror
             shadow = Target(m.model, m.version or None, 1, self.balancer(m.model, name, choices),
                             timeout, m.model != r.model or bool(m.version), RetryPolicy(num_retries=0))
+            # The count follows the copies, not the cap: a new max_concurrent or fraction
+            # applies to the copies already in flight; another shadow starts from zero.
+            inflight = self.carry(("mirror", r.model, m.model, m.version), InFlight)
             mirror = Mirror(shadow, m.fraction.value if m.HasField("fraction") else 1.0,
-                            m.max_concurrent.value if m.HasField("max_concurrent") else 64)
+                            m.max_concurrent.value if m.HasField("max_concurrent") else 64,
+                            inflight)
         limiter = None
         if r.HasField("rate_limit") and r.rate_limit.requests_per_second > 0:
-            rl = r.rate_limit
-            limiter = TokenBucket(rl.requests_per_second,
-                                  rl.burst or max(1, int(rl.requests_per_second)))
+            rate = r.rate_limit.requests_per_second
+            burst = r.rate_limit.burst or max(1, int(rate))
+            limiter = self.carry(("rate_limit", r.model, rate, burst),
+                                 lambda: TokenBucket(rate, burst))
         return Route(r.model, Split(targets(r.targets), r.split_hash_header), rules, mirror,
                      limiter, r.hash_header.lower())
 
     def plain(self, model: str) -> Route:
-        return Route(model, Split([Target(model, None, 1, self.balancer(model, DEFAULT_BALANCER, 2),
-                                          self.default_timeout, False)]))
+        balancer = self.balancer(model, DEFAULT_BALANCER, DEFAULT_CHOICES)
+        return Route(model, Split([Target(model, None, 1, balancer, self.default_timeout, False)]))
 
-    def versioned(self, balancer_names: dict[str, str]) -> dict[tuple[str, str], LoadBalancer]:
+    def versioned(self, balancers: dict[str, tuple[str, int]]
+                  ) -> dict[tuple[str, str], LoadBalancer]:
+        """Balancers for requests naming a version; `balancers` gives each routed model's
+        balancer name and choice_count (others get the defaults)."""
         out = {}
         for (model, v), eps in self.by_version.items():
             if not v:
                 continue
             # Runtimes that list the model without a version may serve any version.
             anyv = self.by_version.get((model, ""), [])
-            out[(model, v)] = BALANCERS[balancer_names.get(model, DEFAULT_BALANCER)](
-                eps + [e for e in anyv if e not in eps])
+            name, choices = balancers.get(model, (DEFAULT_BALANCER, DEFAULT_CHOICES))
+            out[(model, v)] = BALANCERS[name](eps + [e for e in anyv if e not in eps],
+                                              choice_count=choices)
         return out
 
 
@@ -247,11 +295,17 @@ def build(version: str, runtimes: Iterable[resources_pb2.Runtime],
     for model in b.holders.keys() | b.known:
         if model not in table:
             table[model] = b.plain(model)
-    versioned = b.versioned({r.model: r.balancer or DEFAULT_BALANCER for r in routes})
+    versioned = b.versioned({r.model: (r.balancer or DEFAULT_BALANCER, _choices(r))
+                             for r in routes})
+    registry.carried = b.carried
     snap = Snapshot(version, runtimes, routes, dict(registry.endpoints), table,
                     frozenset(b.known | table.keys()), versioned,
                     {m: tuple(eps) for m, eps in b.holders.items()})
     return snap, gone
+
+
+def _choices(r: resources_pb2.ModelRoute) -> int:
+    return r.choice_count.value if r.HasField("choice_count") else DEFAULT_CHOICES
 
 
 def _add(eps: list[Endpoint], e: Endpoint) -> None:

@@ -28,9 +28,14 @@ from meshproxy.upstream.retry import CONNECT_FAILURE
 
 UPSTREAM_KEY = "x-meshproxy-upstream"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
-# gRPC status -> the HTTP status outlier detection counts (Envoy's grpcToHttpStatus).
-_AS_HTTP = {"UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "INTERNAL": 500, "UNKNOWN": 500,
-            "DATA_LOSS": 500, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 404}
+# gRPC status -> the HTTP status outlier detection is told (Envoy's grpcToHttpStatus). Only
+# the 5xx ones count as failures; the others (load shedding's RESOURCE_EXHAUSTED is a 429)
+# are answers, and reset the runtime's run of failures as an OK does.
+_AS_HTTP = {"CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+            "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403,
+            "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409,
+            "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 404, "INTERNAL": 500, "UNAVAILABLE": 503,
+            "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
 _OK = grpc.StatusCode.OK
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -199,9 +204,11 @@ class GrpcForwarder:
         return call, response, None
 
     def _report(self, endpoint, code: grpc.StatusCode) -> None:
-        status = _AS_HTTP.get(code.name)
-        if status is not None:
+        status = _AS_HTTP.get(code.name, 500)
+        if status >= 500:
             self.ctx.outlier_failure(endpoint, status)
+        else:
+            self.ctx.outlier_success(endpoint)
 
     @staticmethod
     def _retry_reason(err: grpc.aio.AioRpcError, policy, left: float) -> str | None:

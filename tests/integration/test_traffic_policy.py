@@ -2,14 +2,18 @@
 
 import asyncio
 import collections
+import itertools
+import socket
 import sys
 import time
 
 import aiohttp
+import grpc
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import eventually, proxy_file, rt_yaml, runtimes
+from tests.integration.harness import eventually, free_port, proxy_file, rt_yaml, runtimes
 
 SUM = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}
 
@@ -215,3 +219,142 @@ async def test_active_health_check_takes_a_not_ready_runtime_out_and_back(tmp_pa
             assert served == {"a"}
             await b.start()  # back on the same port
             await eventually(lambda: ep.healthy)
+
+
+async def test_a_runtime_failing_its_health_check_does_not_get_its_last_healthy_peer_ejected(
+        tmp_path):
+    async with runtimes(("a", ["sum"])) as (a,), \
+            runtimes(("b", ["sum"]), fail_rate=0.3, seed=3) as (b,):
+        check = "health_check: {interval: 0.05s, timeout: 0.5s, unhealthy_threshold: 2}\n"
+        outlier = "outlier_detection: {consecutive_5xx: 2, base_ejection_time: 30s}\n"
+        routes = "- model: sum\n  retry_policy: {num_retries: 0}"
+        async with proxy_file(tmp_path / "p.yaml", config(
+                rt_yaml(a, extra=check), rt_yaml(b, extra=outlier), routes=routes)) as p:
+            ea, eb = p.ctx.snapshot.endpoints["a"], p.ctx.snapshot.endpoints["b"]
+            await a.stop()  # a is gone; its health check takes it out
+            await eventually(lambda: not ea.healthy)
+            async with aiohttp.ClientSession() as s:
+                results = [await infer(s, p.http_port) for _ in range(60)]
+            # b fails 30% of its requests, runs of two included: it is still the one to ask
+            assert [r[1].get("x-meshproxy-upstream") for r in results] == ["b"] * 60
+            assert collections.Counter(r[0] for r in results)[200] >= 30
+            assert not eb.ejected
+
+
+async def test_when_every_runtime_fails_its_health_check_requests_still_reach_them(tmp_path):
+    async with runtimes(("a", ["sum"]), ("b", ["sum"])) as (a, b):
+        check = "health_check: {interval: 0.05s, timeout: 0.5s, unhealthy_threshold: 1}\n"
+        async with proxy_file(tmp_path / "p.yaml",
+                              config(rt_yaml(a, extra=check), rt_yaml(b, extra=check))) as p:
+            ea, eb = p.ctx.snapshot.endpoints["a"], p.ctx.snapshot.endpoints["b"]
+            a.ready = b.ready = False  # both answer /v2/health/ready 503, and still infer
+            await eventually(lambda: not ea.healthy and not eb.healthy)
+            async with aiohttp.ClientSession() as s:
+                results = [await infer(s, p.http_port) for _ in range(20)]
+            # Envoy's panic: with no healthy runtime, balance over all of them
+            assert [r[0] for r in results] == [200] * 20
+            assert {r[1]["x-meshproxy-upstream"] for r in results} == {"a", "b"}
+
+
+def _grpc_runtime(*codes):
+    """A gRPC runtime whose ModelInfer calls answer `codes` in turn, round and round (None or
+    no codes: OK, an empty response)."""
+    turn = itertools.cycle(codes or (None,))
+
+    async def infer(request, context):
+        code = next(turn)
+        if code is not None:
+            await context.abort(code, "queue full")
+        return b""
+    handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    return server, server.add_insecure_port("127.0.0.1:0")
+
+
+async def _grpc_calls_to_busy_and_ok(tmp_path, busy_codes, n, outlier=""):
+    """Route model m over a runtime answering `busy_codes` in turn and one answering OK, by
+    round robin; make `n` calls. Returns (status names seen, the proxy's ejections)."""
+    (busy, busy_port), (ok, ok_port) = _grpc_runtime(*busy_codes), _grpc_runtime()
+    await busy.start()
+    await ok.start()
+    entries = "".join(
+        f"    - {{name: {name}, http_address: '127.0.0.1:{free_port()}', "
+        f"grpc_address: '127.0.0.1:{port}', models: [{{name: m}}]{outlier}}}\n"
+        for name, port in (("busy", busy_port), ("ok", ok_port)))
+    seen = collections.Counter()
+    try:
+        async with proxy_file(tmp_path / "p.yaml", config(
+                entries, routes="- {model: m, balancer: round_robin}")) as p, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc_port}") as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            for _ in range(n):
+                try:
+                    await call(b"\x0a\x01m", timeout=5)
+                    seen["OK"] += 1
+                except grpc.aio.AioRpcError as e:
+                    seen[e.code().name] += 1
+            return seen, metric(p, "meshproxy_outlier_ejections_total")
+    finally:
+        await busy.stop(0)
+        await ok.stop(0)
+
+
+async def test_grpc_load_shedding_and_unimplemented_answers_do_not_eject_a_runtime(tmp_path):
+    for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED):
+        # 12 calls, 6 to busy: more than consecutive_5xx (5 by default) in a row
+        seen, ejections = await _grpc_calls_to_busy_and_ok(tmp_path, [code], 12)
+        # a 4xx-equivalent answer is the runtime's answer, not a failure (as in Envoy)
+        assert (seen, ejections) == ({"OK": 6, code.name: 6}, 0)
+
+
+async def test_grpc_answers_between_failures_end_the_run_so_the_runtime_stays(tmp_path):
+    internal, not_found = grpc.StatusCode.INTERNAL, grpc.StatusCode.NOT_FOUND
+    seen, ejections = await _grpc_calls_to_busy_and_ok(
+        tmp_path, [internal, internal, not_found], 12,
+        outlier=", outlier_detection: {consecutive_5xx: 3}")
+    # busy fails 4 of its 6 calls, never 3 in a row: NOT_FOUND answers in between
+    assert (seen, ejections) == ({"OK": 6, "INTERNAL": 4, "NOT_FOUND": 2}, 0)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_health_checks_reach_an_ipv6_runtime(tmp_path):
+    async with runtimes(("v6", ["sum"]), host="::1") as (rt,):
+        entry = (f"    - {{name: v6, http_address: '[::1]:{rt.http_port}', models: [{{name: sum}}], "
+                 "health_check: {interval: 0.05s, timeout: 0.5s, unhealthy_threshold: 1}}\n")
+        async with proxy_file(tmp_path / "p.yaml", config(entry)) as p:
+            ep = p.ctx.snapshot.endpoints["v6"]
+            rt.ready = False
+            await eventually(lambda: not ep.healthy)
+            rt.ready = True  # the check must reach [::1] to see it ready again
+            await eventually(lambda: ep.healthy)
+            async with aiohttp.ClientSession() as s:
+                assert (await infer(s, p.http_port))[0] == 200
+
+
+async def test_a_table_update_does_not_refill_the_rate_limit_or_reset_the_mirror_cap(tmp_path):
+    async with runtimes(("primary", ["sum"])) as (primary,), \
+            runtimes(("shadow", ["sum-shadow"]), latency_ms=3000) as (shadow,):
+        routes = ("- model: sum\n  rate_limit: {requests_per_second: 0.01, burst: 4}\n"
+                  "  mirror: {model: sum-shadow, fraction: 1.0, max_concurrent: 2}")
+        async with proxy_file(tmp_path / "p.yaml",
+                              config(rt_yaml(primary), rt_yaml(shadow), routes=routes)) as p:
+            shadow_ep = p.ctx.snapshot.endpoints["shadow"]
+            async with aiohttp.ClientSession() as s:
+                first = [(await infer(s, p.http_port))[0] for _ in range(3)]
+                assert shadow_ep.active == 2  # copies hang at the shadow, capped
+                snap = p.ctx.snapshot
+                p.update("same-again", snap.runtimes, snap.routes)  # as any table update
+                second = [(await infer(s, p.http_port))[0] for _ in range(3)]
+            assert first + second == [200] * 4 + [429] * 2  # one burst of 4 in all
+            assert shadow_ep.active == 2

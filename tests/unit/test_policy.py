@@ -189,3 +189,64 @@ def test_health_state_needs_thresholds_in_a_row():
     assert s.record(False) and not s.healthy
     assert not s.record(True) and not s.record(True) and not s.healthy
     assert s.record(True) and s.healthy
+
+
+def test_a_missing_header_matches_no_value_matcher_even_inverted():
+    for kind, value in (("exact", "prod"), ("prefix", "pro"), ("regex", "prod|live")):
+        non_prod = cond(name="x-env", invert=True, **{kind: value})
+        assert non_prod.holds(headers(x_env="staging")), kind
+        assert not non_prod.holds(headers(x_env="prod")), kind
+        assert not non_prod.holds(headers()), kind  # as Envoy: no header, no match
+    assert cond(name="x-env", present=True, invert=True).holds(headers())
+    assert not cond(name="x-env", present=True, invert=True).holds(headers(x_env="a"))
+    assert cond(name="x-env", present=False, invert=True).holds(headers(x_env="a"))
+    rules = [HeaderRule([cond(name="x-env", exact="prod", invert=True)], Split([target("test", 1)]))]
+    default = Split([target("stable", 1)])
+    assert first_match(rules, default, headers()).targets[0].model == "stable"
+    assert first_match(rules, default, headers(x_env="dev")).targets[0].model == "test"
+
+
+def test_the_last_healthy_holder_is_not_ejected_while_its_peer_fails_health_checks():
+    a, b = eps(2)
+    d = OutlierDetector()
+    d.set_clusters([(a, b)])
+    a.checked_ok = False  # the active health check took a out
+    a.refresh_health()
+    for t in range(5):
+        assert not d.failure(b, 500, t)
+    assert b.healthy and not b.ejected  # b still answers some requests; none would be worse
+    a.checked_ok = True
+    a.refresh_health()
+    for t in range(3):
+        d.failure(b, 500, 10 + t)
+    assert b.ejected  # with a healthy again, b's next run of failures ejects it
+
+
+def test_answers_below_500_do_not_count_and_end_a_run_of_failures():
+    a, b = eps(2)
+    d = OutlierDetector()
+    d.set_clusters([(a, b)])
+    for t in range(10):
+        assert not d.failure(a, 429, t)  # load shedding (gRPC RESOURCE_EXHAUSTED) is an answer
+    assert not d.failure(a, 500, 10) and not d.failure(a, 503, 11)
+    d.failure(a, 404, 12)  # resets the run, as a success does
+    assert not d.failure(a, 500, 13) and not d.failure(a, 500, 14)
+    assert a.healthy and d.ejections_total == 0
+    assert d.failure(a, 0, 15) and a.ejected  # the third failure in a row
+
+
+def test_an_ejected_endpoint_left_as_the_only_holder_still_takes_requests():
+    x, y = eps(2)
+    d = OutlierDetector()
+    d.set_clusters([(x, y)])
+    for t in range(3):
+        d.failure(x, 503, t)
+    assert x.ejected
+    d.set_clusters([(x,)])  # a table update: y no longer holds the model
+    assert LeastRequest([x]).pick(random.random) is x  # panic, until the ejection ends
+
+
+def test_health_check_url_brackets_an_ipv6_host():
+    from meshproxy.cluster.health import ready_url
+    assert str(ready_url(Endpoint("v6", "::1", 8000))) == "http://[::1]:8000/v2/health/ready"
+    assert str(ready_url(Endpoint("v4", "10.0.0.7", 8000))) == "http://10.0.0.7:8000/v2/health/ready"

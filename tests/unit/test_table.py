@@ -1,7 +1,9 @@
+import random
+
 import pytest
 
 from meshproxy._proto.meshproxy.v1 import resources_pb2 as pb
-from meshproxy.errors import NoHealthyUpstream, UnknownModel
+from meshproxy.errors import NoHealthyUpstream, RateLimited, UnknownModel
 from meshproxy.routing import table
 
 
@@ -81,3 +83,47 @@ def test_index_lists_models_and_where_they_are_ready():
         {"name": "m", "state": "READY", "runtimes": ["a"]},
         {"name": "n", "state": "UNAVAILABLE", "runtimes": []},
     ]
+
+
+def limited(burst, rps=0.01):
+    return pb.ModelRoute(model="m", rate_limit=pb.RateLimit(requests_per_second=rps, burst=burst))
+
+
+def test_a_table_update_does_not_refill_the_rate_limit_while_its_settings_stay():
+    registry = table.EndpointRegistry()
+    runtimes = [runtime("a", 1, "m")]
+    snap = build(runtimes, [limited(2)], registry)
+    for _ in range(2):
+        snap.match("m", None, lambda: 0.5, now=0.0)
+    snap = build(runtimes, [limited(2)], registry)  # the same resources again, as any update
+    with pytest.raises(RateLimited):
+        snap.match("m", None, lambda: 0.5, now=1.0)
+    snap = build(runtimes, [limited(3)], registry)  # new settings: a new, full bucket
+    for _ in range(3):
+        snap.match("m", None, lambda: 0.5, now=1.0)
+    with pytest.raises(RateLimited):
+        snap.match("m", None, lambda: 0.5, now=1.0)
+
+
+def test_a_table_update_keeps_the_count_of_mirror_copies_in_flight():
+    registry = table.EndpointRegistry()
+    runtimes = [runtime("a", 1, "m"), runtime("s", 2, "m-shadow")]
+    route = pb.ModelRoute(model="m", mirror=pb.Mirror(model="m-shadow"))
+    old = build(runtimes, [route], registry).match("m", None, lambda: 0.5)[0].route.mirror
+    old.inflight += 2  # two copies sent under the first table
+    new = build(runtimes, [route], registry).match("m", None, lambda: 0.5)[0].route.mirror
+    assert new is not old and new.inflight == 2
+    old.inflight -= 1  # one of them finishes
+    assert new.inflight == 1
+
+
+def test_a_request_naming_a_version_uses_the_routes_choice_count():
+    rts = [runtime(n, i, "m", version="2") for i, n in enumerate(("busy1", "busy2", "idle"))]
+    route = pb.ModelRoute(model="m")
+    route.choice_count.value = 50  # draws see every runtime: the least busy always wins
+    snap = build(rts, [route])
+    snap.endpoints["busy1"].active = snap.endpoints["busy2"].active = 5
+    rnd = random.Random(4).random
+    for version in (None, "2"):
+        _, lb = snap.match("m", version, rnd)
+        assert {lb.pick(rnd).name for _ in range(200)} == {"idle"}, version
