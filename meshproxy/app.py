@@ -151,7 +151,8 @@ class ProxyApp:
         self.update(f"file-{self.watcher.generation}", config.runtimes, config.routes)
 
     def update(self, version: str, runtimes, routes) -> None:
-        """Swap in a new snapshot; pools of runtimes that left are closed."""
+        """Swap in a new snapshot; pools of runtimes that left are closed, and their series
+        leave /metrics."""
         snap, gone = table.build(version, runtimes, routes, self.registry,
                                  self.config.http.request_timeout)
         self.ctx.snapshot = snap
@@ -160,6 +161,8 @@ class ProxyApp:
             self.health.sync(snap)
         for endpoint in gone:
             endpoint.pool.close()
+            if endpoint.name not in snap.endpoints:  # not just moved to a new address
+                self.metrics.forget_runtime(endpoint.name)
 
     async def stop(self) -> None:
         if self.sidecar is not None:

@@ -12,6 +12,8 @@ import yaml
 
 from meshproxy.config import EXIT_CONFIG, ConfigError, load_file, load_text, read_file
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshproxy", description=__doc__)
@@ -95,6 +97,9 @@ def _is_control_plane(text: str) -> bool:
 
 
 def _proxy(path: str, workers: int | None = None) -> int:
+    # Held from here until the stop handlers are installed (serve_proxy, or the workers'
+    # parent): a SIGTERM that comes while the proxy starts waits for them, then stops it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         config = load_file(path)
     except ConfigError as e:
@@ -108,7 +113,10 @@ def _proxy(path: str, workers: int | None = None) -> int:
 
 
 async def serve_proxy(config, path: str, reuse_port: bool = False, announce=None) -> None:
-    """One proxy process until SIGTERM/SIGINT; its ready line goes to `announce` (stdout)."""
+    """One proxy process until SIGTERM/SIGINT; its ready line goes to `announce` (stdout).
+
+    A signal while it starts stops it as soon as it has started, without a ready line."""
+    stop = _stop_event()
     from meshproxy.app import ProxyApp
     app = ProxyApp(config, config_path=path)
     app.reuse_port = reuse_port
@@ -116,13 +124,14 @@ async def serve_proxy(config, path: str, reuse_port: bool = False, announce=None
         await app.start()
     except OSError as e:
         raise SystemExit(f"meshproxy: cannot listen: {e}") from None
-    grpc_at = (f"{config.grpc_address.host}:{app.grpc_port}" if app.grpc_server is not None
-               else "disabled")
-    print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
-          f"admin={config.admin_address.host}:{app.admin_port} grpc={grpc_at}",
-          file=announce or sys.stdout, flush=True)
     try:
-        await _until_signalled()
+        if not stop.is_set():
+            grpc_at = (f"{config.grpc_address.host}:{app.grpc_port}"
+                       if app.grpc_server is not None else "disabled")
+            print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
+                  f"admin={config.admin_address.host}:{app.admin_port} grpc={grpc_at}",
+                  file=announce or sys.stdout, flush=True)
+            await stop.wait()
     finally:
         await app.stop()
 
@@ -144,27 +153,38 @@ def _control_plane(path: str) -> int:
     from meshproxy.control.app import ControlPlaneApp
 
     async def serve() -> None:
+        stop = _stop_event()
         app = ControlPlaneApp(settings, path)
         try:
             await app.start()
         except OSError as e:
             raise SystemExit(f"meshproxy: cannot listen: {e}") from None
-        print(f"meshproxy control-plane ready grpc={settings.grpc_address.host}:{app.grpc_port} "
-              f"admin={settings.admin_address.host}:{app.admin_port}", flush=True)
         try:
-            await _until_signalled()
+            if not stop.is_set():
+                print(f"meshproxy control-plane ready grpc={settings.grpc_address.host}:"
+                      f"{app.grpc_port} admin={settings.admin_address.host}:{app.admin_port}",
+                      flush=True)
+                await stop.wait()
         finally:
             await app.stop()
 
     return _run(serve())
 
 
-async def _until_signalled() -> None:
+def on_stop_signals(callback) -> None:
+    """`callback(signo)` on SIGTERM or SIGINT from now on; one held back while the process
+    started (`_proxy` blocks them; workers.py starts workers with them blocked) comes now."""
     loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, callback, sig)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _stop_event() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets, from now on."""
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    on_stop_signals(lambda _sig: stop.set())
+    return stop
 
 
 def _run(coro) -> int:

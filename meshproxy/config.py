@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import yaml
@@ -139,7 +140,7 @@ def parse_config(text: str, msg, build, source: str):
 
 def _build(b: bootstrap_pb2.Bootstrap) -> ProxyConfig:
     validate_resources(b.static_resources.runtimes, b.static_resources.routes, "static_resources")
-    return ProxyConfig(
+    config = ProxyConfig(
         node_id=b.node.id or "meshproxy",
         http_address=parse_address(b.listeners.http_address or "0.0.0.0:8008", "listeners.http_address"),
         admin_address=parse_address(b.admin.address or "127.0.0.1:9901", "admin.address"),
@@ -154,6 +155,23 @@ def _build(b: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         grpc=_grpc_settings(b.grpc),
         telemetry=_telemetry(b.telemetry),
     )
+    _validate_listeners(config)
+    return config
+
+
+def _validate_listeners(c: ProxyConfig) -> None:
+    """No two listeners on one host:port: the second bind would fail ("cannot listen", exit 1),
+    or, with --workers' SO_REUSEPORT, REST and gRPC would share the port. Port 0 is a new free
+    port for each listener, never a clash."""
+    taken: dict[Address, str] = {}
+    for field, address in (("listeners.http_address", c.http_address),
+                           ("listeners.grpc_address", c.grpc_address),
+                           ("admin.address", c.admin_address)):
+        if address is None or address.port == 0:
+            continue
+        if address in taken:
+            raise ConfigError(f"{field}: {address} is also {taken[address]}")
+        taken[address] = field
 
 
 def _telemetry(t: bootstrap_pb2.Telemetry) -> TelemetrySettings:
@@ -165,7 +183,23 @@ def _telemetry(t: bootstrap_pb2.Telemetry) -> TelemetrySettings:
     if tr.endpoint and exporter == "OTLP_GRPC":
         parse_address(tr.endpoint.removeprefix("http://"), "telemetry.tracing.endpoint")
     return TelemetrySettings(exporter, tr.endpoint, ratio, tr.service_name or "meshproxy",
-                             "-" if t.access_log.path == "stdout" else t.access_log.path)
+                             _access_log_path(t.access_log.path))
+
+
+def _access_log_path(path: str) -> str:
+    """"" (off), "-" (stdout; "stdout" too) or a file the proxy can append to, which it opens
+    (relative to the working directory) only once it starts: a missing or read-only directory
+    is a config error here, before any port is bound."""
+    if path in ("", "-", "stdout"):
+        return "-" if path == "stdout" else path
+    where, directory = "telemetry.access_log.path", os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise ConfigError(f"{where}: {path!r} is a directory")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{where}: {directory!r} is not an existing directory")
+    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        raise ConfigError(f"{where}: {path!r} is not writable")
+    return path
 
 
 def _grpc_settings(g: bootstrap_pb2.GrpcOptions) -> GrpcSettings:

@@ -16,9 +16,11 @@ observability issue adds multiprocess collection. In sidecar mode only worker 0 
 local runtime (a runtime name can have one registration stream); the others learn it over ADS.
 
 The parent forwards SIGTERM and SIGINT to every worker (each drains within drain_timeout) and
-exits 0 once all workers exited 0. It restarts nothing: a worker that exits on its own makes
-the parent stop the others and exit with that worker's code, so the supervisor above
-(Kubernetes, systemd) restarts the whole proxy. Workers get SIGTERM if the parent dies.
+exits 0 once all workers exited 0; a signal while they start stops them once started (workers
+begin with the signals blocked until their handlers are in place). It restarts nothing: a
+worker that exits on its own makes the parent stop the others and exit non-zero, with that
+worker's code, or 1 if that code was 0, so the supervisor above (Kubernetes, systemd
+Restart=on-failure) restarts the whole proxy. Workers get SIGTERM if the parent dies.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import signal
 import sys
 import tempfile
 
+from meshproxy import cli
 from meshproxy.config import EXIT_CONFIG, Address, ConfigError, ProxyConfig, load_file
 
 log = logging.getLogger("meshproxy.workers")
@@ -78,6 +81,14 @@ def worker_config(config: ProxyConfig, index: int, http_port: int | None = None,
     return dataclasses.replace(config, **changes)
 
 
+def exit_code(worker_code: int, stopping: bool) -> int:
+    """The parent's exit code for a worker's returncode: 128 + signo when a signal killed it,
+    and never 0 for a worker that exited while the parent was not stopping it (a supervisor
+    restarting on failure must bring the proxy back)."""
+    code = worker_code if worker_code >= 0 else 128 - worker_code
+    return code if stopping or code != 0 else 1
+
+
 # --- the parent ----------------------------------------------------------------------------
 
 
@@ -105,9 +116,7 @@ class _Parent:
         os.unlink(self.admins_file)  # created when every worker is ready
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, sig)
+        cli.on_stop_signals(self.stop)
         exits = []
         ready = await self._spawn(0, exits)
         if ready and not self.stopping:
@@ -136,14 +145,20 @@ class _Parent:
         env = dict(os.environ)
         if index == 0:
             env[PEERS_ENV] = self.admins_file
+        # The worker starts with SIGTERM and SIGINT blocked (a mask survives exec), so one
+        # sent before its handlers are installed waits for them instead of killing it half
+        # started. The fork happens before the first await, so concurrent spawns cannot mix up
+        # the parent's mask; it is unblocked again, not restored, for the same reason.
+        signal.pthread_sigmask(signal.SIG_BLOCK, cli.STOP_SIGNALS)
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=(write_fd,), env=env)
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, cli.STOP_SIGNALS)
             os.close(write_fd)
         worker = _Worker(index, proc)
         self.workers.append(worker)
         self.workers.sort(key=lambda w: w.index)
-        if self.stopping:  # a signal came while it started
+        if self.stopping:  # a signal came while it was spawned: it stops once started
             proc.send_signal(signal.SIGTERM)
         exits.append(asyncio.get_running_loop().create_task(self._watch(worker)))
         return await self._read_ready(worker, read_fd)
@@ -174,11 +189,11 @@ class _Parent:
 
     async def _watch(self, worker: _Worker) -> None:
         code = await worker.proc.wait()
-        if code != 0 and self.code == 0:
-            self.code = code if code > 0 else 128 - code  # killed by a signal: 128 + signo
+        if self.code == 0:
+            self.code = exit_code(code, self.stopping)
         if not self.stopping:
-            log.error("worker %d (pid %d) exited with %d; stopping the others",
-                      worker.index, worker.proc.pid, code)
+            log.error("worker %d (pid %d) exited with %d while the proxy was not stopping; "
+                      "stopping the others", worker.index, worker.proc.pid, code)
             self.stop(signal.SIGTERM)
 
     def stop(self, sig: int) -> None:
@@ -221,7 +236,6 @@ def _worker_main(argv: list[str]) -> int:
         print(f"meshproxy: invalid config: {e}", file=sys.stderr)
         return EXIT_CONFIG
     config = worker_config(config, args.index, args.http_port, args.grpc_port)
-    from meshproxy import cli
     with os.fdopen(args.ready_fd, "w") as ready:
         return cli._run(cli.serve_proxy(config, args.config, reuse_port=True, announce=ready))
 

@@ -21,11 +21,12 @@ class GrpcTracing:
     def __init__(self, tracing):
         self.tracer = tracing.tracer
         self.propagator = tracing.propagator
+        self.parent_context = tracing.parent_context  # the W3C header rules, shared with REST
 
     def start_call(self, method: str, model: str, metadata: tuple):
         """The server span of a call (None when not sampled)."""
-        carrier = {k: v for k, v in metadata if k in _TRACE_KEYS and isinstance(v, str)}
-        parent = self.propagator.extract(carrier) if carrier else None
+        parent = self.parent_context(
+            (k, v) for k, v in metadata if k in _TRACE_KEYS and isinstance(v, str))
         name = method.rpartition("/")[2]
         span = self.tracer.start_span(
             f"grpc {name} {model}", context=parent, kind=SpanKind.SERVER,

@@ -7,6 +7,12 @@ more than the rest of the per-request bookkeeping together. Endpoint state
 (active, pending, ejected, health, pools) is read from the snapshot at scrape
 time, so it costs the hot path nothing. Rare events use prometheus-client's
 Counter directly.
+
+Runtimes come and go (pods replaced, names change): ProxyMetrics.forget_runtime drops the
+series of one that left the table, so label values do not grow without bound; the per-model
+families keep what it counted, so they never go down. A late answer from a runtime that
+already left counts there only, not under its name (that would bring its series back for
+good). A runtime that comes back starts from fresh series.
 """
 
 from __future__ import annotations
@@ -92,6 +98,14 @@ def record(cell: Cell, code, seconds: float, bytes_in: int, bytes_out: int,
         hist[-1] += overhead
 
 
+def _fold(into: Cell, cell: Cell) -> None:
+    """Add `cell`'s durations, overhead and bytes (not its codes) to `into`."""
+    into.durations = _merged((into.durations, cell.durations))
+    into.overhead = _merged((into.overhead, cell.overhead))
+    into.bytes_in += cell.bytes_in
+    into.bytes_out += cell.bytes_out
+
+
 def record_attempt(attempts: dict, outcome: int | str, seconds: float) -> None:
     """One try into a runtime's {outcome: histogram} (RequestStats.attempts_of); the outcome is
     a status (int, made text at scrape time) or a failure kind."""
@@ -109,19 +123,42 @@ class RequestStats:
         self.cells: dict[tuple[str, str, str], Cell] = {}  # (model, protocol, runtime)
         self.attempts: dict[str, dict[int | str, list]] = {}  # runtime -> outcome -> histogram
         self.attempt_timeouts: dict[str, int] = {}          # runtime
+        # (model, protocol) -> what runtimes that left added to the per-model families, which
+        # must not go down when their cells are dropped (Prometheus would see a counter reset)
+        # nor miss their late answers
+        self.retired: dict[tuple[str, str], Cell] = {}
+        self.in_table: Callable[[str], bool] = lambda runtime: True  # see watch_endpoints
 
     def cell(self, model: str, protocol: str, runtime: str) -> Cell:
         key = (model, protocol, runtime)
         cell = self.cells.get(key)
         if cell is None:
+            if runtime and not self.in_table(runtime):  # a late answer from one that left
+                return self._retired(model, protocol)
             cell = self.cells[key] = Cell()
+        return cell
+
+    def _retired(self, model: str, protocol: str) -> Cell:
+        """Counted in the per-model families only (its codes are not exported)."""
+        cell = self.retired.get((model, protocol))
+        if cell is None:
+            cell = self.retired[(model, protocol)] = Cell()
         return cell
 
     def attempts_of(self, runtime: str) -> dict[str, list]:
         found = self.attempts.get(runtime)
         if found is None:
-            found = self.attempts[runtime] = {}
+            found = {}
+            if self.in_table(runtime):
+                self.attempts[runtime] = found
         return found
+
+    def forget_runtime(self, runtime: str) -> None:
+        """Drop the numbers kept under `runtime`; its share of the per-model families stays."""
+        for key in [key for key in self.cells if key[2] == runtime]:
+            _fold(self._retired(*key[:2]), self.cells.pop(key))
+        self.attempts.pop(runtime, None)
+        self.attempt_timeouts.pop(runtime, None)
 
     def collect(self):
         requests = CounterMetricFamily(
@@ -132,6 +169,8 @@ class RequestStats:
             for code, n in list(cell.codes.items()):
                 requests.add_metric([model, protocol, str(code), _code_class(code), runtime], n)
             per_model.setdefault((model, protocol), []).append(cell)
+        for key, cell in list(self.retired.items()):
+            per_model.setdefault(key, []).append(cell)
         yield requests
         for name, doc, field in (
                 ("meshproxy_request_bytes", "Request body bytes received from clients", "bytes_in"),
@@ -264,8 +303,20 @@ class ProxyMetrics:
         self.registry.register(DiscoveryCollector(client))
 
     def watch_endpoints(self, snapshot: Callable) -> None:
-        """Export endpoint state from `snapshot()` (the snapshot in force) at scrape time."""
+        """Export endpoint state from `snapshot()` (the snapshot in force) at scrape time;
+        numbers of runtimes not in it are not kept from then on."""
         self.registry.register(EndpointCollector(snapshot))
+        self.stats.in_table = lambda runtime: runtime in snapshot().endpoints
+
+    def forget_runtime(self, runtime: str) -> None:
+        """Drop every series labelled with `runtime`, a runtime that left the table."""
+        self.stats.forget_runtime(runtime)
+        for metric, labels in ((self.ejections, ("runtime",)),
+                               (self.overflows, ("runtime", "limit"))):
+            [family] = metric.collect()
+            for values in {tuple(s.labels[n] for n in labels) for s in family.samples
+                           if s.labels["runtime"] == runtime}:
+                metric.remove(*values)
 
     def record_request(self, model: str, protocol: str, code: int | str, runtime: str,
                        seconds: float, bytes_in: int = 0, bytes_out: int = 0,
@@ -277,8 +328,9 @@ class ProxyMetrics:
                overhead)
 
     def record_attempt_timeout(self, runtime: str) -> None:
-        t = self.stats.attempt_timeouts
-        t[runtime] = t.get(runtime, 0) + 1
+        if self.stats.in_table(runtime):
+            t = self.stats.attempt_timeouts
+            t[runtime] = t.get(runtime, 0) + 1
 
     def record_local_error(self, code: int, reason: str) -> None:
         self.local_errors.labels(str(code), reason).inc()
@@ -293,10 +345,12 @@ class ProxyMetrics:
         self.mirrors.labels(model, outcome).inc()
 
     def record_ejection(self, runtime: str) -> None:
-        self.ejections.labels(runtime).inc()
+        if self.stats.in_table(runtime):
+            self.ejections.labels(runtime).inc()
 
     def record_overflow(self, runtime: str, limit: str) -> None:
-        self.overflows.labels(runtime, limit).inc()
+        if self.stats.in_table(runtime):
+            self.overflows.labels(runtime, limit).inc()
 
 
 class _Fixed:

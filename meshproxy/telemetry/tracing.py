@@ -11,6 +11,7 @@ runtime's own spans join the trace. When tracing is off the hot path only tests
 from __future__ import annotations
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -55,9 +56,8 @@ class Tracing:
         A request the sampler drops gets no spans at all (ex.span stays None) and its
         traceparent, if any, goes upstream untouched: the cost of an unsampled request is
         one sampling decision."""
-        carrier = {n.lower().decode(): v.decode("latin-1") for n, v in ex.headers
-                   if n.lower() in _TRACE_HEADERS}
-        parent = self.propagator.extract(carrier) if carrier else None
+        parent = self.parent_context((n.lower().decode(), v.decode("latin-1"))
+                                     for n, v in ex.headers if n.lower() in _TRACE_HEADERS)
         span = self.tracer.start_span(
             f"{ex.method.decode()} {model}", context=parent, kind=SpanKind.SERVER,
             attributes={"http.request.method": ex.method.decode(),
@@ -65,6 +65,21 @@ class Tracing:
                         "meshproxy.model": model, "meshproxy.protocol": "rest"})
         if span.is_recording():
             ex.span = span
+
+    def parent_context(self, fields) -> Context | None:
+        """The client's trace context from its (name, value) traceparent and tracestate fields,
+        or None: a new trace. As W3C trace-context says: repeated tracestate fields are one
+        list, joined with commas in the order received; more than one traceparent makes the
+        context invalid, as a malformed one does (the propagator ignores tracestate then)."""
+        parents, states = [], []
+        for name, value in fields:
+            (parents if name == "traceparent" else states).append(value)
+        if len(parents) != 1:
+            return None
+        carrier = {"traceparent": parents[0]}
+        if states:
+            carrier["tracestate"] = ",".join(states)
+        return self.propagator.extract(carrier)
 
     def start_try(self, ex, endpoint) -> tuple[trace.Span, bytes]:
         """A client span for this try, and the request head carrying its traceparent."""

@@ -1,11 +1,15 @@
 """The `meshproxy` command as users run it: check-config, proxy lifecycle, demo."""
 
 import asyncio
+import os
 import re
 import signal
 import sys
 
 import aiohttp
+import pytest
+
+from tests.integration.harness import free_port
 
 MESHPROXY = [sys.executable, "-m", "meshproxy"]
 
@@ -57,6 +61,23 @@ async def test_proxy_with_bad_config_exits_64_before_listening(tmp_path):
     assert code == 64 and "static_resources.routes[0].balancer" in err and "ready" not in out
 
 
+@pytest.mark.parametrize("mistake, field", [
+    ("admin: {address: '127.0.0.1:{port}'}\n", "admin.address: 127.0.0.1:{port} is also "
+                                               "listeners.http_address"),
+    ("admin: {address: '127.0.0.1:0'}\ntelemetry: {access_log: {path: /nonexistent/access.log}}\n",
+     "telemetry.access_log.path: '/nonexistent'"),
+], ids=["rest-and-admin-on-one-address", "access-log-directory-missing"])
+async def test_proxy_config_mistakes_found_only_by_binding_exit_64_too(tmp_path, mistake, field):
+    port = free_port()
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(f"listeners: {{http_address: '127.0.0.1:{port}', grpc_address: disabled}}\n"
+                   + mistake.replace("{port}", str(port)))
+    for workers in ("1", "2"):
+        code, out, err = await run("proxy", "-c", str(cfg), "--workers", workers)
+        assert code == 64 and field.replace("{port}", str(port)) in err, err
+        assert "cannot listen" not in err and "ready" not in out
+
+
 async def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     runtime = await spawn("runtime", "--name", "slow", "--models", "sum", "--http-port", "0",
                           "--grpc-port", "none", "--latency-ms", "700")
@@ -102,3 +123,43 @@ async def test_demo_once_shows_every_model_served_only_by_its_holders():
     assert len(rows) == 5, out
     assert all(ln.rstrip().endswith("yes") for ln in rows), out
     assert "curl" in out
+
+
+async def opened_for_writing(fifo, timeout: float = 15.0) -> int:
+    """The read end of `fifo` once a process opened it for writing (both opens block until
+    the other end is there); fails after `timeout`."""
+    opening = asyncio.get_running_loop().run_in_executor(None, os.open, fifo, os.O_RDONLY)
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(opening)
+    except TimeoutError:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the waiting open return
+        os.close(await opening)
+        raise AssertionError(f"nothing opened {fifo} for writing") from None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_while_starting_stops_cleanly_with_exit_0(tmp_path, workers):
+    """The access log is a FIFO, so the proxy (worker 0 with --workers 2) is held inside its
+    startup until the test opens the other end: SIGTERM lands there, mid-start."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+                   "admin: {address: '127.0.0.1:0'}\n"
+                   f"telemetry: {{access_log: {{path: '{fifo}'}}}}\n")
+    proxy = await spawn("proxy", "-c", str(cfg), "--workers", workers)
+    try:
+        reader = await opened_for_writing(fifo)
+        try:
+            proxy.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                out, err = await proxy.communicate()
+        finally:
+            os.close(reader)
+        assert proxy.returncode == 0, err.decode()
+        assert b"ready" not in out  # it never announced itself
+    finally:
+        if proxy.returncode is None:
+            proxy.kill()
+            await proxy.wait()

@@ -8,10 +8,14 @@ import subprocess
 import aiohttp
 import grpc
 import pytest
+from multidict import CIMultiDict
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshproxy._proto.inference import grpc_service_pb2 as pb
+from meshproxy._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from meshproxy._proto.meshproxy.v1 import resources_pb2
 from meshproxy.app import ProxyApp
 from meshproxy.config import load_text
 from tests.integration.harness import eventually, free_port, rt_yaml, runtimes
@@ -87,6 +91,53 @@ async def test_known_traffic_shows_up_exactly_in_metrics():
     assert total(text, "meshproxy_response_bytes_total", model="sum") > 5 * 100
     assert total(text, "meshproxy_endpoint_healthy", runtime="good") == 1
     assert total(text, "meshproxy_endpoint_idle_connections", runtime="good") == 1
+
+
+async def test_series_of_runtimes_that_left_the_table_leave_metrics():
+    """Pods churn: every generation of the runtime has a new name. /metrics keeps series for
+    the runtimes in the table only, the per-model totals keep counting, and a name that comes
+    back starts from fresh series."""
+    async with runtimes(("rt", ["sum"])) as (rt,), \
+            runtimes(("bad1", ["flaky"]), ("bad2", ["flaky"]), fail_rate=1.0) as bad:
+        eject_at_once = "outlier_detection: {consecutive_5xx: 1}\n"
+        cfg = config(rt_yaml(rt), *(rt_yaml(b, extra=eject_at_once) for b in bad))
+        async with Proxy(cfg) as p:
+            async with aiohttp.ClientSession() as s:
+                assert (await post(s, p.http_port, "flaky"))[0] == 500
+                assert (await post(s, p.http_port, "sum"))[0] == 200
+                before = await scrape(p)
+                for gen in range(20):
+                    p.update(f"v{gen}", [renamed(rt, f"sum-{gen}")], [])
+                    assert (await post(s, p.http_port, "sum"))[0] == 200
+                p.update("back", [renamed(rt, "sum-0")], [])
+                assert (await post(s, p.http_port, "sum"))[0] == 200
+            text = await scrape(p)
+    assert total(before, "meshproxy_outlier_ejections_total") == 1
+    assert {dict(labels).get("runtime") for _, labels in samples(text)} == {None, "sum-0"}
+    assert total(text, "meshproxy_requests_total", runtime="sum-0") == 1
+    assert total(text, "meshproxy_upstream_attempt_duration_seconds_count", runtime="sum-0") == 1
+    assert total(text, "meshproxy_request_duration_seconds_count", model="sum") == 22
+    assert total(text, "meshproxy_request_bytes_total", model="sum") == 22 * len(json.dumps(SUM))
+
+
+async def test_an_answer_after_its_runtime_left_does_not_bring_its_series_back():
+    async with runtimes(("slow", ["sum"]), latency_ms=300) as (rt,):
+        async with Proxy(config(rt_yaml(rt))) as p:
+            async with aiohttp.ClientSession() as s:
+                pending = asyncio.ensure_future(post(s, p.http_port, "sum"))
+                endpoint = p.registry.endpoints["slow"]
+                await eventually(lambda: endpoint.active == 1)
+                p.update("v1", [renamed(rt, "slow-2")], [])
+                assert (await pending)[0] == 200
+            text = await scrape(p)
+    assert {dict(labels).get("runtime") for _, labels in samples(text)} == {None, "slow-2"}
+    assert total(text, "meshproxy_request_duration_seconds_count", model="sum") == 1
+
+
+def renamed(rt, name: str) -> resources_pb2.Runtime:
+    """Runtime `rt` (holding sum) listed under another name, as a replaced pod is."""
+    return resources_pb2.Runtime(name=name, http_address=f"127.0.0.1:{rt.http_port}",
+                                 models=[resources_pb2.LoadedModel(name="sum")])
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed "
@@ -170,6 +221,60 @@ async def test_span_tree_of_a_retried_request_and_the_traceparent_sent_upstream(
     assert (version, tid, sid) == ("00", f"{echo_try.context.trace_id:032x}",
                                    f"{echo_try.context.span_id:016x}")
     assert int(flags, 16) & 1  # sampled
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+async def test_repeated_trace_headers_follow_w3c_trace_context():
+    """Two tracestate headers are one list (the span and the runtime see it joined); two
+    traceparent headers are an invalid context, so the request starts a trace of its own."""
+    exporter = InMemorySpanExporter()
+    other_trace = "1" * 32
+    async with runtimes(("echo", ["echo"])) as rts:
+        async with Proxy(config(*map(rt_yaml, rts)), span_exporter=exporter) as p:
+            async with aiohttp.ClientSession() as s:
+                _, states = await post(s, p.http_port, "echo", CIMultiDict([
+                    ("model", "echo"), ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01"),
+                    ("tracestate", "a=1"), ("tracestate", "b=2")]), "/debug/echo")
+                _, parents = await post(s, p.http_port, "echo", CIMultiDict([
+                    ("model", "echo"), ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01"),
+                    ("traceparent", f"00-{other_trace}-{CLIENT_SPAN}-01")]), "/debug/echo")
+            p.ctx.tracing.provider.force_flush()
+            first, second = [sp for sp in exporter.get_finished_spans() if sp.name == "POST echo"]
+    assert first.context.trace_state.to_header() == "a=1,b=2"
+    assert f"{first.context.trace_id:032x}" == TRACE_ID
+    assert _sent_upstream(states, "tracestate") == ["a=1,b=2"]
+    assert second.parent is None  # a root span: neither of the client's traces
+    assert f"{second.context.trace_id:032x}" not in (TRACE_ID, other_trace)
+    [traceparent] = _sent_upstream(parents, "traceparent")
+    assert traceparent.split("-")[1] == f"{second.context.trace_id:032x}"
+
+
+async def test_repeated_tracestate_metadata_of_a_grpc_call_is_one_list():
+    """(gRPC core hands the server only the last of repeated `traceparent` entries, so the
+    invalid-context case cannot arrive over gRPC.)"""
+    exporter = InMemorySpanExporter()
+    async with runtimes(("r1", ["sum"]), grpc_port=0) as (rt,):
+        text = config(rt_yaml(rt, extra=f"grpc_address: 127.0.0.1:{rt.grpc_port}\n")).replace(
+            "grpc_address: disabled", "grpc_address: '127.0.0.1:0'")
+        async with Proxy(text, span_exporter=exporter) as p, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            metadata = (("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01"),
+                        ("tracestate", "a=1"), ("tracestate", "b=2"))
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="sum"), metadata=metadata,
+                                          timeout=5)).ready
+            p.ctx.tracing.provider.force_flush()
+            [server] = [sp for sp in exporter.get_finished_spans() if sp.kind.name == "SERVER"]
+    assert server.parent.span_id == int(CLIENT_SPAN, 16)
+    assert server.context.trace_state.to_header() == "a=1,b=2"
+
+
+def _sent_upstream(echoed: bytes, name: str) -> list[str]:
+    """The values of header `name` the echo runtime received, in order."""
+    return [v for k, v in json.loads(echoed)["headers"] if k.lower() == name]
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):

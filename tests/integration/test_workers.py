@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy._proto.inference import grpc_service_pb2 as pb
 from meshproxy._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.integration.harness import runtimes
+from tests.integration.harness import eventually, runtimes
 
 MESHPROXY = [sys.executable, "-m", "meshproxy"]
 BODY = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [2, 3]}]}
@@ -106,6 +106,18 @@ async def test_a_worker_that_dies_stops_the_proxy(workers):
     assert b"worker 1" in await proc.stderr.read()
 
 
+async def test_a_worker_that_exits_0_on_its_own_still_fails_the_proxy(workers):
+    """`kill <pid>` of one worker: it drains and exits 0, but the proxy lost a worker, so the
+    parent exits 1 (a supervisor restarting on failure brings the proxy back)."""
+    proc, _, pids, _, _ = workers
+    os.kill(pids[1], signal.SIGTERM)
+    async with asyncio.timeout(15):
+        assert await proc.wait() == 1
+    assert not os.path.exists(f"/proc/{pids[0]}")
+    err = await proc.stderr.read()
+    assert b"worker 1" in err and b"exited with 0" in err
+
+
 async def test_the_grpc_port_is_shared_too(workers):
     """Both workers bound the gRPC port (a failed bind ends the proxy); calls on new
     connections are answered whichever worker takes them."""
@@ -128,6 +140,28 @@ async def test_bad_config_exits_64_before_any_worker_starts(tmp_path):
     assert proc.returncode == 64 and b"static_resources.runtimes[0]" in err and not out
 
 
+async def test_sigterm_while_a_worker_starts_stops_every_worker_cleanly(tmp_path):
+    """SIGTERM to the parent as soon as worker 1 exists (its interpreter is still importing):
+    the signal forwarded to it waits for its handlers, and every worker exits 0."""
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+                   "admin: {address: '127.0.0.1:0'}\n")
+    proc = await asyncio.create_subprocess_exec(
+        *MESHPROXY, "proxy", "-c", str(cfg), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await eventually(lambda: len(_children(proc.pid)) == 2, timeout=15, interval=0.005)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert b"ready" not in out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def _post(session: aiohttp.ClientSession, url: str) -> int:
     async with session.post(url, json=BODY) as r:
         await r.read()
@@ -137,3 +171,15 @@ async def _post(session: aiohttp.ClientSession, url: str) -> int:
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if _parent(int(entry)) == pid:
+                    found.append(int(entry))
+            except (OSError, IndexError):  # it exited while we looked
+                pass
+    return found

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from meshproxy.config import ConfigError, load_text
@@ -57,3 +59,51 @@ def test_a_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_file(str(path))
     assert str(e.value).startswith(str(path)) and "not UTF-8" in str(e.value)
+
+
+@pytest.mark.parametrize("listeners, path", [
+    ("listeners: {http_address: '127.0.0.1:8008'}\nadmin: {address: '127.0.0.1:8008'}",
+     "admin.address: 127.0.0.1:8008 is also listeners.http_address"),
+    ("listeners: {http_address: '0.0.0.0:8008', grpc_address: '0.0.0.0:8008'}",
+     "listeners.grpc_address: 0.0.0.0:8008 is also listeners.http_address"),
+    ("listeners: {grpc_address: '127.0.0.1:9901'}",  # admin's default address
+     "admin.address: 127.0.0.1:9901 is also listeners.grpc_address"),
+], ids=["rest-and-admin", "rest-and-grpc", "grpc-and-default-admin"])
+def test_two_listeners_on_one_address_is_a_config_error(listeners, path):
+    with pytest.raises(ConfigError) as e:
+        load_text(listeners, source="cfg.yaml")
+    assert str(e.value) == f"cfg.yaml: {path}"
+
+
+def test_port_0_is_a_free_port_for_each_listener_not_a_clash():
+    c = load_text("listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\n"
+                  "admin: {address: '127.0.0.1:0'}")
+    assert c.http_address == c.grpc_address == c.admin_address
+
+
+def test_an_access_log_the_proxy_could_not_open_is_a_config_error(tmp_path):
+    def error(path):
+        with pytest.raises(ConfigError) as e:
+            load_text(f"telemetry: {{access_log: {{path: '{path}'}}}}", source="cfg.yaml")
+        return str(e.value)
+
+    assert error(tmp_path / "missing" / "access.log") == (
+        f"cfg.yaml: telemetry.access_log.path: '{tmp_path / 'missing'}' is not an existing "
+        "directory")
+    assert "is a directory" in error(tmp_path)
+    (tmp_path / "file").write_text("")
+    assert "is not an existing directory" in error(tmp_path / "file" / "access.log")
+    for good in ("-", "stdout", str(tmp_path / "access.log")):
+        assert load_text(f"telemetry: {{access_log: {{path: '{good}'}}}}").telemetry.access_log \
+            == ("-" if good == "stdout" else good)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only directory")
+def test_an_access_log_in_a_read_only_directory_is_a_config_error(tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError) as e:
+            load_text(f"telemetry: {{access_log: {{path: '{tmp_path / 'access.log'}'}}}}")
+    finally:
+        tmp_path.chmod(0o755)
+    assert "telemetry.access_log.path" in str(e.value) and "not writable" in str(e.value)

@@ -50,3 +50,11 @@ def test_the_supervisor_does_not_load_the_serving_libraries():
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.splitlines()[-1] == "[]"
+
+
+def test_a_worker_lost_while_not_stopping_never_gives_exit_0():
+    assert workers.exit_code(0, stopping=False) == 1  # drained and exited on its own
+    assert workers.exit_code(3, stopping=False) == 3
+    assert workers.exit_code(-9, stopping=False) == 128 + 9  # killed by SIGKILL
+    assert workers.exit_code(0, stopping=True) == 0  # stopped by the parent: a clean stop
+    assert workers.exit_code(-9, stopping=True) == 128 + 9  # killed after its drain ran out
