@@ -14,6 +14,10 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
 _HOP_LINE = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|upgrade):([^\r\n]*)",
                        re.IGNORECASE)
 _CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b""))
+# Never dropped because Connection names them: the message's framing, and (requests) where it
+# goes. A proxy that dropped Content-Length but sent the body on would let the runtime read
+# the body as a request of its own (request smuggling).
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 _USUAL_VALUES = frozenset((b" keep-alive", b" close", b" Keep-Alive", b" Close"))  # as sent
 
 
@@ -37,6 +41,7 @@ _HOST, _LENGTH, _XFF, _MODEL, _TE, _CONNECTION, _EXPECT, _DROP = range(8)
 _KINDS = {b"host": _HOST, b"content-length": _LENGTH, b"x-forwarded-for": _XFF,
           b"transfer-encoding": _TE, b"connection": _CONNECTION, b"expect": _EXPECT,
           **{name: _DROP for name in HOP_BY_HOP - {b"transfer-encoding", b"connection", b"expect"}}}
+_KEPT_KINDS = frozenset((_HOST, _LENGTH, _TE, _MODEL))  # see _FRAMING
 
 
 def header_kinds(model_headers) -> dict[bytes, int]:
@@ -79,7 +84,8 @@ def scan(headers, kinds: dict[bytes, int], max_body: int) -> RequestHead:
                                         "supported: send the body chunked or by Content-Length")
             chunked = True
         elif kind == _CONNECTION:
-            tokens = tokens + tuple(t.strip() for t in value.lower().split(b","))
+            tokens = tokens + tuple(t for t in (t.strip() for t in value.lower().split(b","))
+                                    if kinds.get(t) not in _KEPT_KINDS)
         elif kind == _EXPECT:
             expect = expect or value.lower() == b"100-continue"
     if hosts != 1:
@@ -160,6 +166,7 @@ def strip_hop_by_hop(head: bytes) -> bytes:
         if parts[i].lower() == b"connection":
             named.update(t.strip() for t in parts[i + 1].lower().split(b","))
     named -= _CONNECTION_OPTIONS
+    named -= _FRAMING  # the body is relayed as it was framed
     kept = b"".join(parts[0::3])
     if not named:
         return kept

@@ -177,3 +177,43 @@ async def test_a_request_refused_before_routing_gets_its_server_span(tmp_path):
     spans = exporter.get_finished_spans()
     assert [(s.name, f"{s.context.trace_id:032x}", s.attributes["http.response.status_code"])
             for s in spans] == [("POST nope", trace_id, 404)]
+
+
+async def test_connection_cannot_strip_the_framing_of_a_request_or_a_response(tmp_path):
+    # `Connection: content-length` used to drop Content-Length from the head sent upstream
+    # while the body went on: the runtime read the body as a request of its own (smuggling,
+    # here for a model no route sends it). A response naming its own framing the same way
+    # reached the client without it, and the client could not find its end.
+    smuggled = b"GET /v2/models/secret/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with recording_runtime("r1", ["sum", "secret"]) as (rt, heads):
+        async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
+            reply = await raw(p.http_port, b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: content-length, close\r\n"
+                              b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert len(heads) == 1 and b"\r\ncontent-length: %d" % len(smuggled) in heads[0].lower()
+
+    async def framed_oddly(reader, writer):
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: content-length\r\n"
+                         b"content-length: 5\r\n\r\nhello")
+
+    server = await asyncio.start_server(framed_oddly, "127.0.0.1", 0)
+    odd = types.SimpleNamespace(name="odd", http_port=server.sockets[0].getsockname()[1],
+                                loaded_models=lambda: ["sum"])
+    try:
+        async with proxy_file(tmp_path / "q.yaml", config(rt_yaml(odd))) as p:
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+            async with asyncio.timeout(5):
+                for _ in range(2):  # the connection stays usable: each answer has its end
+                    writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    assert b"\r\ncontent-length: 5\r\n" in head.lower()
+                    assert await reader.readexactly(5) == b"hello"
+            writer.close()
+    finally:
+        server.close()
