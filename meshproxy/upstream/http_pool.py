@@ -39,7 +39,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
                  "_in_head", "_done", "_until_close", "_keep_alive", "_no_body", "last_head",
                  "last_kept", "known_head", "known_length", "_body_left", "paused", "idle_since",
-                 "counted")
+                 "counted", "_by_length", "_body_read")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
@@ -64,6 +64,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._done = self._until_close = self._no_body = False
         self._keep_alive = True
         self._body_left = 0  # of a response whose head was known
+        self._by_length = False  # the response llhttp reads is framed by Content-Length
+        self._body_read = 0  # its body bytes llhttp found in the read being parsed
 
     # -- used by the exchange
     def start(self, sink: ResponseSink, data: bytes, no_body: bool = False) -> None:
@@ -122,6 +124,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._status >= 200:
             self._done = True
 
+    def on_body(self, body: bytes) -> None:
+        if not self._done:
+            self._body_read += len(body)
+
     # -- asyncio
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -147,6 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if not self._body_left and self.sink is sink:
                     self._complete(self._keep_alive)
                 return
+        self._body_read = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -155,6 +162,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self._in_head:
             self._take_head(sink, data)
         else:
+            if self._done and self._by_length and len(data) > self._body_read:
+                # bytes after the end of the response: not the client's, and the connection
+                # cannot be trusted with another request
+                self._keep_alive = False
+                data = data[:self._body_read]
             sink.response_body(data)
         if self._done or (self._no_body and not self._in_head):
             self._complete(self._keep_alive and not self._until_close)
@@ -174,8 +186,12 @@ class UpstreamConnection(asyncio.Protocol):
             # A message llhttp already saw end was framed; only one still open may run to EOF.
             self._until_close = (not self._done and not self._no_body
                                  and status not in (204, 304) and _no_framing(head))
-            if self._done and rest:
+            if self._no_body and rest:  # a HEAD's answer has no body, whatever it says
+                self._keep_alive = False
+                rest = b""
+            elif self._done and rest:
                 rest = self._within_length(head, status, rest)
+            self._by_length = not self._done and _content_length(head) is not None
             if status == 200 and head != self.known_head:
                 self._learn(head)
             sink.response_head(head, status, self._until_close, rest)

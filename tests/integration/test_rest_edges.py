@@ -217,3 +217,47 @@ async def test_connection_cannot_strip_the_framing_of_a_request_or_a_response(tm
             writer.close()
     finally:
         server.close()
+
+
+async def test_bytes_a_runtime_sends_past_its_answer_never_reach_the_client(tmp_path):
+    # Past the Content-Length in a later read, or a body after a HEAD's head: those bytes were
+    # relayed into the client's keep-alive stream (a split response), and the runtime
+    # connection was used again.
+    accepted = []
+
+    async def sloppy(reader, writer):
+        accepted.append(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabcd")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the rest in a read of its own
+                writer.write(b"56789HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
+
+    server = await asyncio.start_server(sloppy, "127.0.0.1", 0)
+    rt = types.SimpleNamespace(name="sloppy", http_port=server.sockets[0].getsockname()[1],
+                               loaded_models=lambda: ["sum"])
+    try:
+        async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+            async with asyncio.timeout(5):
+                writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                await reader.readuntil(b"\r\n\r\n")
+                assert await reader.readexactly(10) == b"0123456789"
+                writer.write(b"HEAD /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                second = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), \
+                    (head, second)  # no stray body bytes in front of the next answer
+                assert await reader.readexactly(10) == b"0123456789"
+            writer.close()
+            assert len(accepted) == 3  # neither runtime connection was used again
+    finally:
+        server.close()
