@@ -26,7 +26,8 @@ from meshproxy import model_name
 from meshproxy.cluster.outlier import OutlierDetector
 from meshproxy.errors import (BadRequest, BodyTooLarge, HeadersTooLarge, InternalError,
                               MalformedRequest, NoHealthyUpstream, Overloaded, ProxyError,
-                              RequestTimeout, UpgradeRequired, UpstreamTimeout, render_http)
+                              RequestTimeout, Unimplemented, UpgradeRequired, UpstreamTimeout,
+                              render_http)
 from meshproxy.ingress import headers
 from meshproxy.routing.split import unit_hash
 from meshproxy.telemetry import metrics
@@ -332,6 +333,11 @@ class HttpConnection(asyncio.Protocol):
         if ex.url[:1] != b"/" and b"://" in ex.url[:10]:
             ex.url = _origin_form(ex.url)
         ex.method = self.parser.get_method()
+        if self.parser.should_upgrade() and ex.method != b"CONNECT" and _has_body(ex.headers):
+            # llhttp ends an upgrade request at its head: its body would be read as requests
+            # of their own here, while the runtime waited for it (an h2c smuggling shape)
+            raise MalformedRequest("an Upgrade request with a body is not served; send it "
+                                   "without Upgrade (this port serves HTTP/1.1)")
         ex.keep_alive = self.parser.should_keep_alive()
         limit = self.ctx.settings.max_request_headers_bytes
         # The head came in this read and the ones before it: count it only when those could
@@ -406,6 +412,9 @@ class HttpConnection(asyncio.Protocol):
         if model is None:
             self.answer_local(ex)
             return
+        if ex.url.startswith(b"/v2/repository/"):  # a model header on a repository path
+            raise Unimplemented("repository operations (load, unload) are not proxied: send "
+                                "them to the runtime itself", model)
         ex.model = model
         if ctx.tracing is not None:  # before the lookups: their errors get a span too
             ctx.tracing.start_request(ex, model)
@@ -664,6 +673,14 @@ class HttpConnection(asyncio.Protocol):
         for ex in self.queue:
             ex.abort_upstream()
         self.transport.abort()
+
+
+def _has_body(headers) -> bool:
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding" or (lname == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 def _origin_form(url: bytes) -> bytes:

@@ -12,7 +12,8 @@ import types
 
 import aiohttp
 
-from tests.integration.harness import eventually, free_port, proxy_file, raw, rt_yaml, runtimes
+from tests.integration.harness import (eventually, free_port, proxy_file, raw, rt_yaml, runtimes,
+                                       statuses)
 from tests.integration.test_traffic_policy import SUM, config, infer, metric
 
 
@@ -261,3 +262,26 @@ async def test_bytes_a_runtime_sends_past_its_answer_never_reach_the_client(tmp_
             assert len(accepted) == 3  # neither runtime connection was used again
     finally:
         server.close()
+
+
+async def test_an_upgrade_request_with_a_body_and_a_model_header_on_a_repository_path_are_refused(
+        tmp_path):
+    # llhttp ends an Upgrade request at its head, so its body was parsed here as a request of
+    # its own (routed past any front proxy that passes Upgrade on) while the runtime waited
+    # for it. And a `model` header routed any path: an unload on /v2/repository/... reached
+    # the runtime and unloaded a model, where gRPC refuses repository calls.
+    smuggled = b"GET /v2/models/secret/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with recording_runtime("r1", ["sum", "secret"]) as (rt, heads):
+        async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
+            upgrade = await raw(p.http_port, b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: x\r\n"
+                                b"Connection: upgrade\r\nUpgrade: h2c\r\n"
+                                b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+            unload = await raw(p.http_port, b"POST /v2/repository/models/secret/unload HTTP/1.1\r\n"
+                               b"Host: x\r\nmodel: sum\r\nConnection: close\r\n"
+                               b"Content-Length: 0\r\n\r\n")
+            plain = await raw(p.http_port, b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: upgrade, close\r\nUpgrade: h2c\r\n\r\n")
+    assert statuses(upgrade) == [400] and b"Upgrade" in upgrade
+    assert statuses(unload) == [501] and b"repository" in unload
+    assert statuses(plain) == [200]  # an upgrade request without a body is served as HTTP/1.1
+    assert [h.split(b"\r\n")[0] for h in heads] == [b"GET /v2/models/sum/ready HTTP/1.1"]
