@@ -55,11 +55,18 @@ async def recording_runtime(name: str, models: list[str]):
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    rt = types.SimpleNamespace(name=name, http_port=server.sockets[0].getsockname()[1],
-                               loaded_models=lambda: models)
-    try:
+    async with served_by(serve, name, models) as rt:
         yield rt, heads
+
+
+@contextlib.asynccontextmanager
+async def served_by(serve, name: str = "odd", models=("sum",)):
+    """A runtime whose connections `serve(reader, writer)` handles, on a free port; yields it
+    as rt_yaml takes it."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield types.SimpleNamespace(name=name, http_port=server.sockets[0].getsockname()[1],
+                                    loaded_models=lambda: list(models))
     finally:
         server.close()
 
@@ -180,19 +187,26 @@ async def test_a_request_refused_before_routing_gets_its_server_span(tmp_path):
             for s in spans] == [("POST nope", trace_id, 404)]
 
 
+SMUGGLED = b"GET /v2/models/secret/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def carrying_smuggled(lines: bytes) -> bytes:
+    """A request for model `sum` with `lines` in its head, whose body is a request for model
+    `secret`: a runtime that misses the body's framing reads that as a request of its own."""
+    return (b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(SMUGGLED) + SMUGGLED)
+
+
 async def test_connection_cannot_strip_the_framing_of_a_request_or_a_response(tmp_path):
     # `Connection: content-length` used to drop Content-Length from the head sent upstream
     # while the body went on: the runtime read the body as a request of its own (smuggling,
     # here for a model no route sends it). A response naming its own framing the same way
     # reached the client without it, and the client could not find its end.
-    smuggled = b"GET /v2/models/secret/ready HTTP/1.1\r\nHost: x\r\n\r\n"
     async with recording_runtime("r1", ["sum", "secret"]) as (rt, heads):
         async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
-            reply = await raw(p.http_port, b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: x\r\n"
-                              b"Connection: content-length, close\r\n"
-                              b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+            reply = await raw(p.http_port, carrying_smuggled(b"Connection: content-length, close"))
     assert reply.startswith(b"HTTP/1.1 200")
-    assert len(heads) == 1 and b"\r\ncontent-length: %d" % len(smuggled) in heads[0].lower()
+    assert len(heads) == 1 and b"\r\ncontent-length: %d" % len(SMUGGLED) in heads[0].lower()
 
     async def framed_oddly(reader, writer):
         while True:
@@ -203,21 +217,16 @@ async def test_connection_cannot_strip_the_framing_of_a_request_or_a_response(tm
             writer.write(b"HTTP/1.1 200 OK\r\nConnection: content-length\r\n"
                          b"content-length: 5\r\n\r\nhello")
 
-    server = await asyncio.start_server(framed_oddly, "127.0.0.1", 0)
-    odd = types.SimpleNamespace(name="odd", http_port=server.sockets[0].getsockname()[1],
-                                loaded_models=lambda: ["sum"])
-    try:
-        async with proxy_file(tmp_path / "q.yaml", config(rt_yaml(odd))) as p:
-            reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
-            async with asyncio.timeout(5):
-                for _ in range(2):  # the connection stays usable: each answer has its end
-                    writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    assert b"\r\ncontent-length: 5\r\n" in head.lower()
-                    assert await reader.readexactly(5) == b"hello"
-            writer.close()
-    finally:
-        server.close()
+    async with served_by(framed_oddly) as odd, \
+            proxy_file(tmp_path / "q.yaml", config(rt_yaml(odd))) as p:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+        async with asyncio.timeout(5):
+            for _ in range(2):  # the connection stays usable: each answer has its end
+                writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert b"\r\ncontent-length: 5\r\n" in head.lower()
+                assert await reader.readexactly(5) == b"hello"
+        writer.close()
 
 
 async def test_bytes_a_runtime_sends_past_its_answer_never_reach_the_client(tmp_path):
@@ -241,27 +250,22 @@ async def test_bytes_a_runtime_sends_past_its_answer_never_reach_the_client(tmp_
                 await asyncio.sleep(0.05)  # the rest in a read of its own
                 writer.write(b"56789HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
 
-    server = await asyncio.start_server(sloppy, "127.0.0.1", 0)
-    rt = types.SimpleNamespace(name="sloppy", http_port=server.sockets[0].getsockname()[1],
-                               loaded_models=lambda: ["sum"])
-    try:
-        async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
-            reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
-            async with asyncio.timeout(5):
-                writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                await reader.readuntil(b"\r\n\r\n")
-                assert await reader.readexactly(10) == b"0123456789"
-                writer.write(b"HEAD /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                head = await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                second = await reader.readuntil(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), \
-                    (head, second)  # no stray body bytes in front of the next answer
-                assert await reader.readexactly(10) == b"0123456789"
-            writer.close()
-            assert len(accepted) == 3  # neither runtime connection was used again
-    finally:
-        server.close()
+    async with served_by(sloppy, "sloppy") as rt, \
+            proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+        async with asyncio.timeout(5):
+            writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(10) == b"0123456789"
+            writer.write(b"HEAD /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"GET /v2/models/sum/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), \
+                (head, second)  # no stray body bytes in front of the next answer
+            assert await reader.readexactly(10) == b"0123456789"
+        writer.close()
+        assert len(accepted) == 3  # neither runtime connection was used again
 
 
 async def test_an_upgrade_request_with_a_body_and_a_model_header_on_a_repository_path_are_refused(
@@ -270,12 +274,10 @@ async def test_an_upgrade_request_with_a_body_and_a_model_header_on_a_repository
     # its own (routed past any front proxy that passes Upgrade on) while the runtime waited
     # for it. And a `model` header routed any path: an unload on /v2/repository/... reached
     # the runtime and unloaded a model, where gRPC refuses repository calls.
-    smuggled = b"GET /v2/models/secret/ready HTTP/1.1\r\nHost: x\r\n\r\n"
     async with recording_runtime("r1", ["sum", "secret"]) as (rt, heads):
         async with proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
-            upgrade = await raw(p.http_port, b"POST /v2/models/sum/infer HTTP/1.1\r\nHost: x\r\n"
-                                b"Connection: upgrade\r\nUpgrade: h2c\r\n"
-                                b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+            upgrade = await raw(p.http_port,
+                                carrying_smuggled(b"Connection: upgrade\r\nUpgrade: h2c"))
             unload = await raw(p.http_port, b"POST /v2/repository/models/secret/unload HTTP/1.1\r\n"
                                b"Host: x\r\nmodel: sum\r\nConnection: close\r\n"
                                b"Content-Length: 0\r\n\r\n")
