@@ -163,6 +163,10 @@ class ProxyApp:
             endpoint.pool.close()
             if endpoint.name not in snap.endpoints:  # not just moved to a new address
                 self.metrics.forget_runtime(endpoint.name)
+                # an answer still on its way is counted through stats.cell() (the per-model
+                # totals), not into the cells this endpoint cached
+                endpoint.cells.clear()
+                endpoint.attempts = None
 
     async def stop(self) -> None:
         if self.sidecar is not None:
@@ -181,6 +185,10 @@ class ProxyApp:
             await asyncio.sleep(0.02)
         for conn in list(self.ctx.connections):
             conn.abort()
+        # connection_lost (which logs and counts what the deadline cut off) comes a loop turn
+        # after abort(); let it run before the access log and the tracer close
+        for _ in range(2):
+            await asyncio.sleep(0)
         if grpc_stopped is not None:
             await grpc_stopped
         await self.grpc_channels.close()

@@ -7,8 +7,8 @@ the next response for that type goes out only when the cache changes, so a bad r
 never retried in a loop. State of the world sends a type's whole set whenever the type's
 version differs from what was last sent (or from the version_info a reconnecting proxy says it
 holds). Delta keeps the version of each resource the proxy holds (seeded by
-initial_resource_versions) and sends only changed resources and removed names; a new proxy
-(one that holds nothing) gets a first response of each type even when the type is empty. Types are
+initial_resource_versions) and sends only changed resources and removed names; a type the
+proxy holds nothing of gets a first response even when it is empty. Types are
 always handled runtimes first, so a route never arrives before the runtimes it relies on.
 """
 
@@ -133,7 +133,6 @@ class DeltaSession(_Session):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._held: dict[str, dict[str, str]] = {}      # type -> name -> version the proxy holds
-        self._holds_any = False  # a first request named resources it holds (a resubscribe)
         # type -> nonce -> (system version, the names the response updated or removed)
         self._pending: dict[str, dict[str, tuple[str, list[str]]]] = {}
 
@@ -154,14 +153,14 @@ class DeltaSession(_Session):
         if first:  # first request of this type on the stream
             held = self._held[t] = dict(request.initial_resource_versions)
             self._pending[t] = {}
-            self._holds_any = self._holds_any or bool(held)
         for name in request.resource_names_subscribe:
             if name != WILDCARD:
                 held.pop(name, None)  # an explicit subscribe is always answered
-        # A proxy that holds nothing at all (a new one: it waits for a first response of each
-        # type before it reports ready) is answered even when a type is empty. One that
-        # resubscribes with what it holds is sent only what changed, maybe nothing.
-        response = self._diff(t, always=first and not self._holds_any)
+        # A type the proxy holds nothing of is answered even when it is empty: a proxy waits
+        # for a first response of each type before it reports ready, and one whose first
+        # stream broke between types may hold some types and not others. Of a type it holds,
+        # it is sent only what changed, maybe nothing.
+        response = self._diff(t, always=first and not held)
         if response is None:  # the proxy already holds the current version of everything
             ts = self._type_status(t)
             ts.sent_version = ts.acked_version = self.cache.get(t).version

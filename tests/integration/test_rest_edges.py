@@ -12,6 +12,8 @@ import types
 
 import aiohttp
 
+from meshproxy.app import ProxyApp
+from meshproxy.config import load_text
 from tests.integration.harness import (eventually, free_port, proxy_file, raw, rt_yaml, runtimes,
                                        statuses)
 from tests.integration.test_traffic_policy import SUM, config, infer, metric
@@ -287,3 +289,36 @@ async def test_an_upgrade_request_with_a_body_and_a_model_header_on_a_repository
     assert statuses(unload) == [501] and b"repository" in unload
     assert statuses(plain) == [200]  # an upgrade request without a body is served as HTTP/1.1
     assert [h.split(b"\r\n")[0] for h in heads] == [b"GET /v2/models/sum/ready HTTP/1.1"]
+
+
+async def test_what_the_drain_deadline_cuts_off_and_late_answers_are_still_counted(tmp_path):
+    # The drain deadline aborts what is left; the access log used to close before those
+    # connections' bookkeeping ran, so their lines were lost. And an answer that comes after
+    # its runtime left the table went into a cached cell already folded away: it was missing
+    # from the per-model totals.
+    log = tmp_path / "access.log"
+    extra = f"telemetry: {{access_log: {{path: '{log}'}}}}\ndrain_timeout: 0.2s\n"
+    async with runtimes(("slow", ["sum"]), latency_ms=600) as (slow,):
+        p = ProxyApp(load_text(config(rt_yaml(slow), extra=extra)))
+        await p.start()
+        stopped = False
+        try:
+            async with aiohttp.ClientSession() as s:
+                assert (await infer(s, p.http_port))[0] == 200
+                late = asyncio.ensure_future(infer(s, p.http_port))
+                await eventually(lambda: p.ctx.snapshot.endpoints["slow"].active == 1, timeout=2)
+                p.update("v2", [], [])  # `slow` leaves while its answer is on its way
+                assert (await late)[0] == 200
+                assert metric(p, "meshproxy_request_duration_seconds_count", model="sum") == 2
+                cut = asyncio.ensure_future(infer(s, p.http_port, model="sum"))
+                p.update("v3", [p.config.runtimes[0]], [])
+                await eventually(lambda: p.ctx.snapshot.endpoints["slow"].active == 1, timeout=2)
+                await p.stop()  # drains for 0.2 s, then cuts the request off
+                stopped = True
+                with contextlib.suppress(aiohttp.ClientError):
+                    await cut
+        finally:
+            if not stopped:
+                await p.stop()
+    lines = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [ln["status"] for ln in lines] == [200, 200, 0]

@@ -93,6 +93,21 @@ def test_delta_sends_only_changes_and_removals_and_honours_initial_versions():
     assert s.on_change() == []
 
 
+def test_delta_answers_a_type_the_proxy_holds_nothing_of_even_when_it_is_empty():
+    # A proxy reports ready only once each type has answered. One whose first stream broke
+    # after the runtimes and before the (empty) routes resubscribes holding runtimes only:
+    # the runtimes it holds are not sent again, the empty routes type gets its first answer.
+    cache = cache_with(runtime("r", "m"))
+    s = delta_session(cache)
+    held = {name: e.version for name, e in cache.get(RUNTIME_TYPE).entries.items()}
+    assert s.on_request(discovery_pb2.DeltaDiscoveryRequest(
+        type_url=RUNTIME_TYPE, resource_names_subscribe=["*"], initial_resource_versions=held)) == []
+    [routes] = s.on_request(discovery_pb2.DeltaDiscoveryRequest(
+        type_url=ROUTE_TYPE, resource_names_subscribe=["*"]))
+    assert list(routes.resources) == [] and list(routes.removed_resources) == []
+    assert routes.system_version_info == cache.get(ROUTE_TYPE).version
+
+
 def test_a_client_state_and_a_delta_session_agree_end_to_end():
     cache = cache_with(runtime("a", "m"))
     server = delta_session(cache)
