@@ -37,7 +37,7 @@ import grpc  # noqa: E402
 
 from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, discovery_pb2, discovery_pb2_grpc  # noqa: E402
 from meshproxy._proto.meshproxy.v1 import resources_pb2  # noqa: E402
-from meshproxy.config import Address, DynamicSettings  # noqa: E402
+from meshproxy.config import load_text  # noqa: E402
 from meshproxy.discovery.client import AdsClient  # noqa: E402
 from meshproxy.discovery.state import RUNTIME_TYPE  # noqa: E402
 
@@ -138,8 +138,9 @@ class Proxies:
     """N real ADS clients; `apply` records what each holds instead of building a table."""
 
     def __init__(self, address: str, n: int, delta: bool):
-        settings = DynamicSettings((Address("127.0.0.1", int(address.rsplit(":", 1)[1])),),
-                                   delta, 0.5, 30.0, "", None, 2.0)
+        protocol = "DELTA" if delta else "STATE_OF_THE_WORLD"
+        settings = load_text(f"dynamic_resources: {{ads_addresses: ['{address}'], "
+                             f"protocol: {protocol}}}\n").dynamic
         self.clients = []
         self.target = None
         self.done = asyncio.Event()

@@ -87,9 +87,9 @@ class DynamicSettings:
     snapshot_path: str
     sidecar: resources_pb2.Runtime | None  # sidecar mode: the local runtime to report
     sidecar_poll_interval: float
-    keepalive_interval: float = 10.0  # pings on the control-plane connection
-    keepalive_timeout: float = 5.0
-    initial_fetch_timeout: float = 15.0  # ready without a first response after this; 0: never
+    keepalive_interval: float  # pings on the control-plane connection
+    keepalive_timeout: float
+    initial_fetch_timeout: float  # ready without a first response after this; 0: never
 
 
 def read_file(path: str) -> str:
@@ -234,12 +234,13 @@ def _http_settings(h: bootstrap_pb2.HttpOptions) -> HttpSettings:
     )
 
 
-def _seconds(msg, field: str, default: float, prefix: str = "") -> float:
+def _seconds(msg, field: str, default: float, prefix: str = "", zero: bool = False) -> float:
+    """A Duration field in seconds; `zero`: 0 is allowed (it means "off" or "forever")."""
     if not msg.HasField(field):
         return default
     value = getattr(msg, field).ToNanoseconds() / 1e9
-    if value <= 0:
-        raise ConfigError(f"{prefix}{field}: must be positive")
+    if value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{prefix}{field}: must be {'non-negative' if zero else 'positive'}")
     return value
 
 
@@ -274,16 +275,7 @@ def _dynamic(b: bootstrap_pb2.Bootstrap) -> DynamicSettings | None:
                            maximum, d.snapshot_path, sidecar,
                            _seconds(d.sidecar, "poll_interval", 2.0, f"{where}sidecar."),
                            interval, _seconds(d.keepalive, "timeout", 5.0, f"{where}keepalive."),
-                           _initial_fetch_timeout(d, where))
-
-
-def _initial_fetch_timeout(d: bootstrap_pb2.DynamicResources, where: str) -> float:
-    if not d.HasField("initial_fetch_timeout"):
-        return 15.0
-    value = d.initial_fetch_timeout.ToNanoseconds() / 1e9
-    if value < 0:
-        raise ConfigError(f"{where}initial_fetch_timeout: must not be negative")
-    return value
+                           _seconds(d, "initial_fetch_timeout", 15.0, where, zero=True))
 
 
 def parse_address(text: str, where: str) -> Address:

@@ -635,7 +635,7 @@ class HttpConnection(asyncio.Protocol):
             self.close()
         elif ex.started:  # relaying: only the whole-request timeout applies now
             if now >= ex.deadline:
-                self._timed_out_on(ex)
+                ex.timed_out()
                 self.abort()
             else:
                 self.deadline = ex.deadline
@@ -645,17 +645,11 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self.deadline = min(ex.deadline, ex.try_deadline if ex.in_try else ex.deadline)
         else:
-            self._timed_out_on(ex)
+            ex.timed_out()
             name = ex.endpoint.name if ex.endpoint is not None else "the runtime"
             self.reply_error(ex, UpstreamTimeout(
                 f"model {ex.model!r}: {name} did not answer in time", ex.model))
             self.deadline = self.ctx.now + self.ctx.settings.idle_timeout
-
-    def _timed_out_on(self, ex: Exchange) -> None:
-        """The route's timeout ended a try in flight: a gateway failure of its runtime for
-        outlier detection (as Envoy counts it), unless its 5xx was counted already."""
-        if ex.in_try and not ex.swallow and ex.endpoint is not None:
-            self.ctx.outlier_failure(ex.endpoint, 0)
 
     def drain(self) -> None:
         if not self.queue and self.cur is None:

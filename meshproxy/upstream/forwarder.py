@@ -187,13 +187,18 @@ class Exchange:
                 budget.active_retries -= 1
             self.routed = False
 
+    def timed_out(self) -> None:
+        """A timeout (per try, or the route's) ended the try in flight: a gateway failure of
+        its runtime for outlier detection, as Envoy counts it, unless the try's 5xx, being
+        read to its end, was counted already."""
+        if self.in_try and not self.swallow and self.endpoint is not None:
+            self.conn.ctx.outlier_failure(self.endpoint, 0)
+
     def try_timed_out(self, now: float) -> None:
         """The per-try timeout passed before the response: retry or give up with 504."""
         self.conn.ctx.metrics.record_attempt_timeout(self.endpoint.name)
-        swallowed = self.swallow  # a 5xx being read to its end: counted already
+        self.timed_out()
         self.abort_upstream("timeout")
-        if not swallowed:
-            self.conn.ctx.outlier_failure(self.endpoint, 0)
         if self.can_retry():
             self.schedule_retry("per-try-timeout")
             return

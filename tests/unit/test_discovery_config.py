@@ -13,6 +13,8 @@ from meshproxy.config import ConfigError, load_text
     ("ads_addresses: ['h:1'], sidecar: {runtime: {name: st, http_address: 'h:2'}}", "static"),
     ("ads_addresses: ['h:1'], keepalive: {interval: 0.5s}", "keepalive.interval: must be at least 1s"),
     ("ads_addresses: ['h:1'], keepalive: {timeout: 0s}", "keepalive.timeout: must be positive"),
+    ("ads_addresses: ['h:1'], initial_fetch_timeout: -1s",
+     "initial_fetch_timeout: must be non-negative"),
 ])
 def test_dynamic_resources_config_errors_name_the_field(extra, words):
     text = ("static_resources: {runtimes: [{name: st, http_address: 'h:3'}]}\n"
