@@ -13,6 +13,7 @@ from meshproxy.config import ConfigError, ProxyConfig, load_file
 from meshproxy.cluster.health import HealthChecker
 from meshproxy.config_watch import FileWatcher
 from meshproxy.ingress import grpc as grpc_ingress
+from meshproxy.ingress import listener
 from meshproxy.ingress.http import HttpConnection, HttpContext
 from meshproxy.routing import table
 from meshproxy.telemetry import tracing
@@ -55,7 +56,12 @@ class ProxyApp:
         self.health = HealthChecker()
         self.watcher: FileWatcher | None = None
         self.watch_interval = 1.0
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []  # REST, one per address the host resolves to
+        self._rest_sockets: list = []  # bound, not yet handed to a server
+        self._grpc_hold: list = []     # the gRPC port, bound, until grpc core binds it
+        self.opened: asyncio.Future | None = None  # done once taking connections (or failed)
+        self.serving = False
+        self._opening: asyncio.Task | None = None
         self.http_port = 0
         self.admin_port = 0
         self._admin_runner = None
@@ -88,16 +94,12 @@ class ProxyApp:
                 from meshproxy.discovery.sidecar import SidecarReporter
                 self.sidecar = SidecarReporter(self.config.dynamic, self.config.source.node)
                 await self.sidecar.start()
-        addr = self.config.http_address
-        self.server = await loop.create_server(
-            lambda: HttpConnection(self.ctx), addr.host, addr.port, backlog=2048,
-            reuse_address=True, reuse_port=self.reuse_port)
-        self.http_port = self.server.sockets[0].getsockname()[1]
-        if self.config.grpc_address is not None:
-            self.grpc_server, self.grpc_port = await grpc_ingress.start_server(
-                self._grpc_context(), self.config.grpc_address.host,
-                self.config.grpc_address.port, self.config.grpc.max_message_bytes,
-                reuse_port=self.reuse_port)
+        addr, grpc_addr = self.config.http_address, self.config.grpc_address
+        self._rest_sockets = listener.bind(addr.host, addr.port, self.reuse_port)
+        self.http_port = self._rest_sockets[0].getsockname()[1]
+        if grpc_addr is not None:  # held until opened: grpc core listens as it binds
+            self._grpc_hold = listener.bind(grpc_addr.host, grpc_addr.port, self.reuse_port)
+            self.grpc_port = self._grpc_hold[0].getsockname()[1]
         admin = self.config.admin_address
         web_app = build_admin(self)
         if self.discovery is not None:
@@ -109,9 +111,62 @@ class ProxyApp:
             self.watcher = FileWatcher(self.config_path, load_file, self._reload, (ConfigError,),
                                        self.watch_interval)
             self.watcher.start()
+        self.opened = loop.create_future()
+        if self.discovery is None or self.discovery.initialized:
+            self._open()
+            await self.opened
+        else:
+            log.info("waiting for the control plane's first table (initial_fetch_timeout %gs) "
+                     "before taking connections", self.config.dynamic.initial_fetch_timeout)
+            self.discovery.on_initialized = self._open
+
+    def _open(self) -> None:
+        """Take connections: the sockets listen now, so what comes from here on waits in the
+        backlog for the accept loops `_serve` starts. Called by start, or by the ADS client
+        once the first table is in force or the initial fetch timed out."""
+        if self.opened.done():  # stopped before the table came
+            return
+        try:
+            listener.listen(self._rest_sockets)
+            if self.config.grpc_address is not None:
+                g = self.config.grpc_address
+                if not self.reuse_port:  # its own socket binds the port exclusively
+                    self._close_hold()
+                self.grpc_server = grpc_ingress.bind_server(
+                    self._grpc_context(), g.host, self.grpc_port,
+                    self.config.grpc.max_message_bytes, reuse_port=self.reuse_port)
+                self._close_hold()
+        except OSError as e:
+            self.opened.set_exception(e)
+            return
+        self._opening = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._rest_sockets:
+                sock = self._rest_sockets.pop(0)
+                self.servers.append(await loop.create_server(
+                    lambda: HttpConnection(self.ctx), sock=sock, backlog=listener.BACKLOG))
+            if self.grpc_server is not None:
+                await self.grpc_server.start()
+        except OSError as e:
+            if not self.opened.done():
+                self.opened.set_exception(e)
+            return
+        if not self.opened.done():
+            self.serving = True
+            self.opened.set_result(None)
+        addr = self.config.http_address
         log.info("meshproxy listening: rest=%s:%d grpc=%s admin=%s:%d", addr.host,
                  self.http_port, f"{self.config.grpc_address.host}:{self.grpc_port}"
-                 if self.grpc_server is not None else "off", admin.host, self.admin_port)
+                 if self.grpc_server is not None else "off", self.config.admin_address.host,
+                 self.admin_port)
+
+    def _close_hold(self) -> None:
+        for sock in self._grpc_hold:
+            sock.close()
+        self._grpc_hold = []
 
     def _grpc_context(self) -> grpc_ingress.GrpcContext:
         # The snapshot is read through self.ctx on every call: update() swaps it there.
@@ -129,7 +184,7 @@ class ProxyApp:
         plane's first table (dynamic_resources.initial_fetch_timeout), as Envoy's /ready."""
         if self.ctx.draining:
             return "DRAINING"
-        if self.server is None or (self.discovery is not None and not self.discovery.initialized):
+        if not self.serving:
             return "INITIALIZING"
         return "LIVE"
 
@@ -173,8 +228,15 @@ class ProxyApp:
             await self.sidecar.stop()
         if self.discovery is not None:
             await self.discovery.stop()
-        if self.server is not None:
-            self.server.close()
+        if self.opened is not None and not self.opened.done():
+            self.opened.cancel()  # a table that comes from here on opens nothing
+        if self._opening is not None:
+            await asyncio.gather(self._opening, return_exceptions=True)
+        for server in self.servers:
+            server.close()
+        for sock in self._rest_sockets:
+            sock.close()
+        self._close_hold()
         self.ctx.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_timeout

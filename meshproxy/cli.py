@@ -125,13 +125,22 @@ async def serve_proxy(config, path: str, reuse_port: bool = False, announce=None
     except OSError as e:
         raise SystemExit(f"meshproxy: cannot listen: {e}") from None
     try:
+        grpc_at = (f"{config.grpc_address.host}:{app.grpc_port}"
+                   if config.grpc_address is not None else "disabled")
+        ports = (f"rest={config.http_address.host}:{app.http_port} "
+                 f"admin={config.admin_address.host}:{app.admin_port} grpc={grpc_at}")
+        if announce is not None:  # the workers' parent spawns the others on these ports
+            print(f"meshproxy bound {ports}", file=announce, flush=True)
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((stopped, app.opened), return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
-            grpc_at = (f"{config.grpc_address.host}:{app.grpc_port}"
-                       if app.grpc_server is not None else "disabled")
-            print(f"meshproxy ready rest={config.http_address.host}:{app.http_port} "
-                  f"admin={config.admin_address.host}:{app.admin_port} grpc={grpc_at}",
-                  file=announce or sys.stdout, flush=True)
-            await stop.wait()
+            try:
+                app.opened.result()  # listening, with a table or after initial_fetch_timeout
+            except OSError as e:
+                raise SystemExit(f"meshproxy: cannot listen: {e}") from None
+            print(f"meshproxy ready {ports}", file=announce or sys.stdout, flush=True)
+            await stopped
+        stopped.cancel()
     finally:
         await app.stop()
 

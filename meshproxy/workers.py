@@ -2,12 +2,15 @@
 
 How it works. The parent has validated the config (bad config exits 64 before this module
 runs, so nothing is bound). It spawns N fresh interpreters (`python -m meshproxy.workers`; no
-fork, so no gRPC or event-loop state crosses a fork): worker 0 first, then, once it is ready,
-the others, told the ports worker 0 got when the config says port 0. Each worker is a whole proxy: it loads the file itself, binds
-both listeners with SO_REUSEPORT, runs its own snapshot, pools, health checks, ADS stream and
-file watcher, and writes its ready line to a pipe the parent reads. The kernel spreads new
-connections over the workers' listening sockets; a connection stays with the worker that
-accepted it.
+fork, so no gRPC or event-loop state crosses a fork): worker 0 first, then, once it has bound
+its ports, the others, told the ports worker 0 got when the config says port 0. Each worker is
+a whole proxy: it loads the file itself, binds both listeners with SO_REUSEPORT, runs its own
+snapshot, pools, health checks, ADS stream and file watcher, and writes two lines to a pipe
+the parent reads: `meshproxy bound` once its ports are bound, `meshproxy ready` once it takes
+connections. With dynamic_resources a worker listens only once its own first table is in
+force (or initial_fetch_timeout passed), so the kernel, which spreads new connections over
+the listening sockets alone, never gives one to a worker without a table. A connection stays
+with the worker that accepted it.
 
 Admin: only worker 0 binds the configured admin address (so /ready, /metrics, /clusters and
 /config_dump there are worker 0's view); workers 1..N-1 serve their own admin on an ephemeral
@@ -101,7 +104,11 @@ def supervise(path: str, config: ProxyConfig, count: int) -> int:
 class _Worker:
     index: int
     proc: asyncio.subprocess.Process
-    ready: dict[str, str] | None = None  # the fields of its ready line
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)  # of its bound line
+    # set True by its `meshproxy bound` line (ports bound, not yet listening) and its
+    # `meshproxy ready` line (taking connections); False when it exited first
+    bound: asyncio.Future = dataclasses.field(default_factory=asyncio.Future)
+    ready: asyncio.Future = dataclasses.field(default_factory=asyncio.Future)
 
 
 class _Parent:
@@ -118,11 +125,15 @@ class _Parent:
     async def run(self) -> int:
         cli.on_stop_signals(self.stop)
         exits = []
-        ready = await self._spawn(0, exits)
-        if ready and not self.stopping:
-            self._learn_ports(self.workers[0].ready)
-            others = await asyncio.gather(*(self._spawn(i, exits) for i in range(1, self.count)))
-            if all(others) and not self.stopping:
+        first = await self._spawn(0, exits)
+        # The others start once worker 0 has bound (they join its ports), not once it is
+        # ready: each waits for its own first table before it listens.
+        if await first.bound and not self.stopping:
+            self._learn_ports(first.fields)
+            for i in range(1, self.count):
+                await self._spawn(i, exits)
+            ready = await asyncio.gather(*(w.ready for w in self.workers))
+            if all(ready) and not self.stopping:
                 self._announce()
         await asyncio.gather(*exits)
         with contextlib.suppress(OSError):
@@ -135,7 +146,7 @@ class _Parent:
             if addr is not None and addr.port == 0:
                 self.ports[key] = fields.get(field, "").rpartition(":")[2]
 
-    async def _spawn(self, index: int, exits: list) -> bool:
+    async def _spawn(self, index: int, exits: list) -> _Worker:
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", "meshproxy.workers", "--config", self.path,
                "--index", str(index), "--ready-fd", str(write_fd), "--parent", str(os.getpid()),
@@ -160,29 +171,38 @@ class _Parent:
         self.workers.sort(key=lambda w: w.index)
         if self.stopping:  # a signal came while it was spawned: it stops once started
             proc.send_signal(signal.SIGTERM)
-        exits.append(asyncio.get_running_loop().create_task(self._watch(worker)))
-        return await self._read_ready(worker, read_fd)
+        loop = asyncio.get_running_loop()
+        exits.append(loop.create_task(self._watch(worker)))
+        exits.append(loop.create_task(self._read_lines(worker, read_fd)))
+        return worker
 
-    async def _read_ready(self, worker: _Worker, read_fd: int) -> bool:
+    async def _read_lines(self, worker: _Worker, read_fd: int) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb"))
         try:
-            line = (await reader.readline()).decode()
+            while not worker.ready.done():
+                line = (await reader.readline()).decode()
+                if line.startswith("meshproxy bound ") and not worker.bound.done():
+                    worker.fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+                    worker.bound.set_result(True)
+                elif line.startswith("meshproxy ready "):
+                    worker.ready.set_result(True)
+                elif not line:  # it exited first; _watch has the code
+                    break
         finally:
             transport.close()
-        if not line.startswith("meshproxy ready "):
-            return False  # it exited first; _watch has the code
-        worker.ready = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
-        return True
+            for step in (worker.bound, worker.ready):
+                if not step.done():
+                    step.set_result(False)
 
     def _announce(self) -> None:
-        first = self.workers[0].ready
+        first = self.workers[0].fields
         pids = ",".join(str(w.proc.pid) for w in self.workers)
-        admins = ",".join(w.ready.get("admin", "?") for w in self.workers)
+        admins = ",".join(w.fields.get("admin", "?") for w in self.workers)
         with open(self.admins_file, "w", encoding="utf-8") as f:  # worker 0's /metrics reads it
-            f.write("\n".join(w.ready.get("admin", "?") for w in self.workers) + "\n")
+            f.write("\n".join(w.fields.get("admin", "?") for w in self.workers) + "\n")
         print(f"meshproxy ready rest={first.get('rest')} admin={first.get('admin')} "
               f"grpc={first.get('grpc')} workers={self.count} pids={pids} worker_admins={admins}",
               flush=True)

@@ -74,6 +74,7 @@ class AdsClient:
         self.streams = 0          # streams opened
         self.updates = 0          # snapshots applied
         self.on_update: Callable[[], None] | None = None  # test and bench hook
+        self.on_initialized: Callable[[], None] | None = None  # the proxy opens its listeners
 
     async def start(self) -> None:
         self._restore()
@@ -88,13 +89,15 @@ class AdsClient:
         if self._init_timer is not None:
             self._init_timer.cancel()
             self._init_timer = None
+        if self.on_initialized is not None:
+            self.on_initialized()
 
     def _init_timed_out(self) -> None:
         self._init_timer = None
         if not self.initialized:
             log.warning("no control plane answered within initial_fetch_timeout (%gs); ready "
                         "with the static resources only", self.settings.initial_fetch_timeout)
-            self.initialized = True
+            self._initialized()
 
     async def stop(self) -> None:
         if self._init_timer is not None:

@@ -330,19 +330,20 @@ class InferenceProxy(grpc.GenericRpcHandler):
         return response
 
 
-async def start_server(ctx: GrpcContext, host: str, port: int, max_message_bytes: int,
-                       reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
-    """Bind and start the listener; returns the server and the port it got. Without
-    `reuse_port` (worker processes sharing the port) a second proxy on a busy port fails."""
+def bind_server(ctx: GrpcContext, host: str, port: int, max_message_bytes: int,
+                reuse_port: bool = False) -> grpc.aio.Server:
+    """A server listening on host:port (grpc core listens when the port is added, and the calls
+    queue until `start`). Without `reuse_port` (worker processes sharing the port) a busy port
+    fails here."""
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ])
     server.add_generic_rpc_handlers((InferenceProxy(ctx),))
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        server.add_insecure_port(target)
     except RuntimeError as e:  # grpc's way of saying the bind failed
         raise OSError(f"cannot listen for gRPC on {host}:{port}: {e}") from None
-    await server.start()
-    return server, bound
+    return server

@@ -751,9 +751,19 @@ async def test_a_sidecar_retries_at_least_once_a_poll_interval_while_the_control
     assert took < 0.3 + 0.5, took  # one poll interval and a margin; 1.4 s uncapped
 
 
-async def test_a_proxy_is_not_ready_until_its_control_plane_answered_or_the_fetch_timed_out():
-    # As Envoy's /ready: a new gateway pod that has no table yet must not be sent traffic it
-    # would answer 404; with no control plane it reports ready after initial_fetch_timeout.
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_a_proxy_takes_no_connection_until_its_control_plane_answered_or_the_fetch_timed_out():
+    # As Envoy warms its listeners: a new gateway pod that has no table yet neither reports
+    # ready nor takes a connection it would answer 404; with no control plane it opens its
+    # ports (with the static resources) after initial_fetch_timeout.
     async with runtimes(("r1", ["sum"])) as (r1,):
         port = free_port()
         async with proxies(port, ["DELTA"], extra="initial_fetch_timeout: 1s\n") as (lonely,):
@@ -762,10 +772,12 @@ async def test_a_proxy_is_not_ready_until_its_control_plane_answered_or_the_fetc
             async with aiohttp.ClientSession() as s:
                 async with s.get(f"http://127.0.0.1:{lonely.admin_port}/ready") as r:
                     assert (r.status, await r.text()) == (503, "INITIALIZING\n")
+                assert await refused(lonely.http_port) and await refused(lonely.grpc_port)
+                await eventually(lambda: lonely.ready(), timeout=5)
+                assert loop.time() - started >= 0.9
                 async with s.get(f"http://127.0.0.1:{lonely.http_port}/v2/health/ready") as r:
-                    assert r.status == 503
-            await eventually(lambda: lonely.ready(), timeout=5)
-            assert loop.time() - started >= 0.9
+                    assert r.status == 200
+            assert not await refused(lonely.grpc_port)
         async with control_plane(cp_yaml([r1], port=port)), \
                 proxies(port, ["DELTA", "STATE_OF_THE_WORLD"]) as apps:
             await eventually(lambda: all(a.ready() for a in apps), timeout=5)

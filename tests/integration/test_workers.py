@@ -2,6 +2,8 @@
 stops the proxy."""
 
 import asyncio
+import collections
+import contextlib
 import os
 import re
 import signal
@@ -14,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy._proto.inference import grpc_service_pb2 as pb
 from meshproxy._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.integration.harness import eventually, runtimes
+from tests.integration.harness import eventually, free_port, runtimes
 
 MESHPROXY = [sys.executable, "-m", "meshproxy"]
 BODY = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [2, 3]}]}
@@ -183,3 +185,83 @@ def _children(pid: int) -> list[int]:
             except (OSError, IndexError):  # it exited while we looked
                 pass
     return found
+
+
+@contextlib.asynccontextmanager
+async def holding_relay(target: int, hold: float):
+    """A TCP relay to 127.0.0.1:`target` that, on every connection after the first, holds what
+    the client sends after its first read (an HTTP/2 preface and SETTINGS: the channel becomes
+    ready) until `hold` seconds after it connected; yields its port."""
+    accepted = 0
+
+    async def pump(reader, writer, until: float = 0.0):
+        try:
+            first = True
+            while data := await reader.read(65536):
+                if not first and (wait := until - asyncio.get_running_loop().time()) > 0:
+                    await asyncio.sleep(wait)  # the scenario: a slow control plane
+                first = False
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def relay(reader, writer):
+        nonlocal accepted
+        accepted += 1
+        until = asyncio.get_running_loop().time() + hold if accepted > 1 else 0.0
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+        await asyncio.gather(pump(reader, up_writer, until), pump(up_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_a_worker_takes_no_connection_before_its_own_first_table(tmp_path):
+    """Worker 1's ADS stream gets its first table 2 s after worker 0's (a relay in front of
+    the control plane holds it). The kernel gives new connections only to listening sockets,
+    and a worker listens only once it has a table, so no request meets worker 1 before then
+    (it would answer 404): worker 0 serves them all, and both serve once worker 1 has it."""
+    from meshproxy.discovery.state import RUNTIME_TYPE
+    from tests.integration.test_control_plane import control_plane, cp_yaml
+    async with runtimes(("r1", ["sum"])) as (rt,), control_plane(cp_yaml([rt])) as cp, \
+            holding_relay(cp.grpc_port, hold=2.0) as relay_port:
+        await eventually(lambda: "r1" in cp.cache.get(RUNTIME_TYPE).entries, timeout=5)
+        port = free_port()
+        cfg = tmp_path / "proxy.yaml"
+        cfg.write_text(f"listeners: {{http_address: '127.0.0.1:{port}', grpc_address: "
+                       "'127.0.0.1:0'}\nadmin: {address: '127.0.0.1:0'}\n"
+                       f"dynamic_resources: {{ads_addresses: ['127.0.0.1:{relay_port}'], "
+                       "initial_fetch_timeout: 10s}\n")
+        proc = await asyncio.create_subprocess_exec(
+            *MESHPROXY, "proxy", "-c", str(cfg), "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        seen: collections.Counter = collections.Counter()
+        url = f"http://127.0.0.1:{port}/v2/models/sum/infer"
+        try:
+            ready = asyncio.ensure_future(proc.stdout.readline())
+            async with asyncio.timeout(20), aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True)) as s:
+                while not ready.done():  # a fresh connection each, hashed over the listeners
+                    try:
+                        seen[await _post(s, url)] += 1
+                    except aiohttp.ClientConnectionError:
+                        seen["refused"] += 1  # before worker 0 has its table
+                        await asyncio.sleep(0.01)
+                m = READY.search(ready.result().decode())
+                assert m, (ready.result(), seen)
+                assert seen[200] >= 20 and set(seen) <= {200, "refused"}, seen
+                assert sorted(await asyncio.gather(*(_post(s, url) for _ in range(16)))) \
+                    == [200] * 16
+                counts = await by_worker(s, m[5])
+            assert counts.get("1", 0) > 0, counts
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(15):
+                    await proc.wait()
