@@ -654,3 +654,31 @@ async def test_a_stream_cancelled_while_the_proxy_waits_to_write_to_it_is_counte
         assert requests_counted(app, "m", "OK", "raw") == 0
         await eventually(lambda: app.registry.endpoints["raw"].active == 0)
         hold.set()
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+async def test_listeners_on_an_ipv6_address_serve_rest_and_grpc():
+    # The gRPC address needs brackets: '::1:0' was refused by grpc core, and the proxy exited.
+    app = ProxyApp(load_text("listeners: {http_address: '[::1]:0', grpc_address: '[::1]:0'}\n"
+                             "admin: {address: '127.0.0.1:0'}\n"))
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"[::1]:{app.grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert (await stub.ServerLive(pb.ServerLiveRequest(), timeout=5)).live
+        reader, writer = await asyncio.open_connection("::1", app.http_port)
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200")
+        writer.close()
+    finally:
+        await app.stop()
