@@ -22,6 +22,7 @@ from meshproxy.errors import ProxyError, UpstreamFailure, UpstreamTimeout
 
 MAX_RESPONSE_HEAD = 64 * 1024
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked[ \t]*\r\n", re.IGNORECASE)
 
 
 class ResponseSink(Protocol):
@@ -39,7 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "sink", "_parser", "_head", "_statuses", "_status",
                  "_in_head", "_done", "_until_close", "_keep_alive", "_no_body", "last_head",
                  "last_kept", "known_head", "known_length", "_body_left", "paused", "idle_since",
-                 "counted", "_by_length", "_body_read")
+                 "counted", "_by_length", "_body_read", "_chunks")
 
     def __init__(self, pool: "HttpPool"):
         self.pool = pool
@@ -66,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_left = 0  # of a response whose head was known
         self._by_length = False  # the response llhttp reads is framed by Content-Length
         self._body_read = 0  # its body bytes llhttp found in the read being parsed
+        self._chunks: _ChunkScan | None = None  # where a chunked response ends
 
     # -- used by the exchange
     def start(self, sink: ResponseSink, data: bytes, no_body: bool = False) -> None:
@@ -157,12 +159,16 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(UpstreamFailure(f"runtime {self.pool.name} sent invalid HTTP: {e}"))
-            return
+            if not self._done:
+                self._fail(UpstreamFailure(f"runtime {self.pool.name} sent invalid HTTP: {e}"))
+                return
+            self._keep_alive = False  # what follows a whole response is not HTTP: cut below
         if self._in_head:
             self._take_head(sink, data)
         else:
-            if self._done and self._by_length and len(data) > self._body_read:
+            if self._chunks is not None:
+                data = self._chunked_part(data)
+            elif self._done and self._by_length and len(data) > self._body_read:
                 # bytes after the end of the response: not the client's, and the connection
                 # cannot be trusted with another request
                 self._keep_alive = False
@@ -186,9 +192,13 @@ class UpstreamConnection(asyncio.Protocol):
             # A message llhttp already saw end was framed; only one still open may run to EOF.
             self._until_close = (not self._done and not self._no_body
                                  and status not in (204, 304) and _no_framing(head))
+            self._chunks = (_ChunkScan() if not self._no_body and status not in (204, 304)
+                            and _CHUNKED.search(head) else None)
             if self._no_body and rest:  # a HEAD's answer has no body, whatever it says
                 self._keep_alive = False
                 rest = b""
+            elif self._chunks is not None:
+                rest = self._chunked_part(rest)
             elif self._done and rest:
                 rest = self._within_length(head, status, rest)
             self._by_length = not self._done and _content_length(head) is not None
@@ -208,6 +218,20 @@ class UpstreamConnection(asyncio.Protocol):
             self._keep_alive = False
             return rest[:length]
         return rest
+
+    def _chunked_part(self, data: bytes) -> bytes:
+        """`data` up to the end of the chunked body when it ends in it: bytes after the last
+        chunk are not the client's (llhttp reports the end, not where it is), and the
+        connection is not used again."""
+        end = self._chunks.feed(data)
+        if end < 0:
+            if self._done:  # llhttp saw an end the scan did not: keep the bytes, not the connection
+                self._keep_alive = False
+            return data
+        if end < len(data):
+            self._keep_alive = False
+            return data[:end]
+        return data
 
     def _learn(self, head: bytes) -> None:
         """Keep a 200 head llhttp read, if later ones equal to it can be framed by its length."""
@@ -267,6 +291,47 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.sink is not None:
             self.sink.upstream_paused(False)
+
+
+class _ChunkScan:
+    """Follows a chunked body llhttp has parsed, to tell where it ends in a read. It trusts
+    the framing (llhttp checks it) and only counts: size lines, data and its CRLF, trailers."""
+
+    __slots__ = ("_left", "_trailers", "_line")
+
+    def __init__(self):
+        self._left = 0  # of a chunk's data and the CRLF after it
+        self._trailers = False  # past the last chunk: header lines until an empty one
+        self._line = b""  # a size or trailer line split over reads
+
+    def feed(self, data: bytes) -> int:
+        """The offset in `data` just past the body's end, or -1 when it does not end in it."""
+        at, size = 0, len(data)
+        while at < size:
+            if self._left:
+                step = min(self._left, size - at)
+                self._left -= step
+                at += step
+                continue
+            nl = data.find(b"\n", at)
+            if nl < 0:
+                self._line = (self._line + data[at:])[-MAX_RESPONSE_HEAD:]
+                return -1
+            line, self._line = self._line + data[at:nl], b""
+            at = nl + 1
+            if self._trailers:
+                if line in (b"", b"\r"):
+                    return at
+            else:
+                try:
+                    length = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    return -1  # not framing llhttp took: leave the cut to it
+                if length:
+                    self._left = length + 2
+                else:
+                    self._trailers = True
+        return -1
 
 
 def _content_length(head: bytes) -> int | None:

@@ -270,6 +270,61 @@ async def test_bytes_a_runtime_sends_past_its_answer_never_reach_the_client(tmp_
         assert len(accepted) == 3  # neither runtime connection was used again
 
 
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+LENGTH_HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"
+SPLIT = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!"
+# How a runtime answers /v2/models/sum/ready?shape=N: the reads of a whole answer (head, body),
+# then bytes that are not part of it (another response, or garbage) at the end of the last.
+SHAPES = {
+    "chunked, then a response, in one read":
+        ([CHUNKED_HEAD + b"5\r\n01234\r\n5\r\n56789\r\n0\r\n\r\n"], SPLIT),
+    "chunked with trailers, its end in a later read, then a response":
+        ([CHUNKED_HEAD + b"5\r\n01234\r\n", b"5;x=1\r\n56789\r\n0\r\nx-t: 1\r\n\r\n"], SPLIT),
+    "chunked, its end in a later read, then garbage":
+        ([CHUNKED_HEAD + b"5\r\n01234\r\n", b"5\r\n56789\r\n0\r\n\r\n"], b"GARBAGE"),
+    "content-length, then garbage, in one read": ([LENGTH_HEAD + b"0123456789"], b"GARBAGE"),
+    "content-length, its end in a later read, then garbage":
+        ([LENGTH_HEAD + b"01234", b"56789"], b"GARBAGE"),
+}
+
+
+async def test_a_whole_answer_with_bytes_after_it_is_relayed_and_the_bytes_are_dropped(tmp_path):
+    # After a chunked answer, a second response the runtime wrote reached the client as the
+    # answer to its next request (a split response), and the runtime connection was used
+    # again. Garbage after an answer, in the same read or the one that ended it, lost the whole
+    # answer: a 502, or a body cut short and the client's connection closed.
+    accepted = []
+
+    async def sloppy(reader, writer):
+        accepted.append(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            reads, extra = list(SHAPES.values())[int(re.search(rb"shape=(\d+)", head)[1])]
+            for i, data in enumerate(reads):
+                if i:
+                    await asyncio.sleep(0.05)  # the scenario: a read of its own
+                writer.write(data + (extra if i == len(reads) - 1 else b""))
+                await writer.drain()
+
+    async with served_by(sloppy, "sloppy") as rt, \
+            proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+        for shape, (name, (reads, _)) in enumerate(list(SHAPES.items()) + [
+                (f"again: {n}", s) for n, s in list(SHAPES.items())[:1]]):
+            body = b"".join(reads).split(b"\r\n\r\n", 1)[1]
+            async with asyncio.timeout(5):
+                writer.write(b"GET /v2/models/sum/ready?shape=%d HTTP/1.1\r\nHost: x\r\n\r\n"
+                             % (shape % len(SHAPES)))
+                # a stray byte in front of this answer would show here
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200"), name
+                assert await reader.readexactly(len(body)) == body, name
+            assert len(accepted) == shape + 1, name  # that runtime connection was not used again
+        writer.close()
+
+
 async def test_an_upgrade_request_with_a_body_and_a_model_header_on_a_repository_path_are_refused(
         tmp_path):
     # llhttp ends an Upgrade request at its head, so its body was parsed here as a request of

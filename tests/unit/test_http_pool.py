@@ -66,3 +66,16 @@ def test_a_connection_closed_with_bytes_still_queued_is_dropped_not_left_to_ling
     conn.connection_made(Queued())
     conn.close()  # a graceful close would wait for a runtime that may never read them
     assert conn.transport.aborted and pool.open == 0
+
+
+def test_the_end_of_a_chunked_body_is_found_wherever_the_reads_split_it():
+    from meshproxy.upstream.http_pool import _ChunkScan
+    body = b"5;ext=1\r\n01234\r\n1a\r\n" + b"z" * 26 + b"\r\n0\r\nx-trailer: a\r\n\r\n"
+    data = body + b"HTTP/1.1 200 OK\r\n\r\n"
+    for cut in range(1, len(data)):
+        scan = _ChunkScan()
+        first = scan.feed(data[:cut])
+        if cut >= len(body):
+            assert first == len(body), cut
+        else:
+            assert first == -1 and scan.feed(data[cut:]) == len(body) - cut, cut
