@@ -56,6 +56,16 @@ async def proxy(rts=(), extra: str = "", listed: dict[str, list[str]] | None = N
         await app.stop()
 
 
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (some containers have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -656,17 +656,7 @@ async def test_a_stream_cancelled_while_the_proxy_waits_to_write_to_it_is_counte
         hold.set()
 
 
-def _ipv6_loopback() -> bool:
-    import socket
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+@pytest.mark.skipif(not harness.ipv6_loopback(), reason="no IPv6 loopback on this host")
 async def test_listeners_on_an_ipv6_address_serve_rest_and_grpc():
     # The gRPC address needs brackets: '::1:0' was refused by grpc core, and the proxy exited.
     app = ProxyApp(load_text("listeners: {http_address: '[::1]:0', grpc_address: '[::1]:0'}\n"

@@ -231,28 +231,40 @@ async def test_connection_cannot_strip_the_framing_of_a_request_or_a_response(tm
         writer.close()
 
 
-async def test_bytes_a_runtime_sends_past_its_answer_never_reach_the_client(tmp_path):
-    # Past the Content-Length in a later read, or a body after a HEAD's head: those bytes were
-    # relayed into the client's keep-alive stream (a split response), and the runtime
-    # connection was used again.
+@contextlib.asynccontextmanager
+async def sloppy_runtime(answer):
+    """A runtime that writes the reads `answer(request_head)` returns, each a read of its own
+    (a pause between them); yields it (as rt_yaml takes it) and the connections it accepted."""
     accepted = []
 
-    async def sloppy(reader, writer):
+    async def serve(reader, writer):
         accepted.append(writer)
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            if head.startswith(b"HEAD "):
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabcd")
-            else:
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+            for i, data in enumerate(answer(head)):
+                if i:
+                    await asyncio.sleep(0.05)  # the scenario: a read of its own
+                writer.write(data)
                 await writer.drain()
-                await asyncio.sleep(0.05)  # the rest in a read of its own
-                writer.write(b"56789HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
 
-    async with served_by(sloppy, "sloppy") as rt, \
+    async with served_by(serve, "sloppy") as rt:
+        yield rt, accepted
+
+
+async def test_bytes_a_runtime_sends_past_its_answer_never_reach_the_client(tmp_path):
+    # Past the Content-Length in a later read, or a body after a HEAD's head: those bytes were
+    # relayed into the client's keep-alive stream (a split response), and the runtime
+    # connection was used again.
+    def answer(head):
+        if head.startswith(b"HEAD "):
+            return [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabcd"]
+        return [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234",
+                b"56789HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!"]
+
+    async with sloppy_runtime(answer) as (rt, accepted), \
             proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
         reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
         async with asyncio.timeout(5):
@@ -293,23 +305,11 @@ async def test_a_whole_answer_with_bytes_after_it_is_relayed_and_the_bytes_are_d
     # answer to its next request (a split response), and the runtime connection was used
     # again. Garbage after an answer, in the same read or the one that ended it, lost the whole
     # answer: a 502, or a body cut short and the client's connection closed.
-    accepted = []
+    def answer(head):
+        reads, extra = list(SHAPES.values())[int(re.search(rb"shape=(\d+)", head)[1])]
+        return reads[:-1] + [reads[-1] + extra]
 
-    async def sloppy(reader, writer):
-        accepted.append(writer)
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            reads, extra = list(SHAPES.values())[int(re.search(rb"shape=(\d+)", head)[1])]
-            for i, data in enumerate(reads):
-                if i:
-                    await asyncio.sleep(0.05)  # the scenario: a read of its own
-                writer.write(data + (extra if i == len(reads) - 1 else b""))
-                await writer.drain()
-
-    async with served_by(sloppy, "sloppy") as rt, \
+    async with sloppy_runtime(answer) as (rt, accepted), \
             proxy_file(tmp_path / "p.yaml", config(rt_yaml(rt))) as p:
         reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
         for shape, (name, (reads, _)) in enumerate(list(SHAPES.items()) + [

@@ -3,7 +3,6 @@
 import asyncio
 import collections
 import itertools
-import socket
 import sys
 import time
 
@@ -13,7 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import eventually, free_port, proxy_file, rt_yaml, runtimes
+from tests.integration.harness import (eventually, free_port, ipv6_loopback, proxy_file, rt_yaml,
+                                       runtimes)
 
 SUM = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}
 
@@ -318,16 +318,7 @@ async def test_grpc_answers_between_failures_end_the_run_so_the_runtime_stays(tm
     assert (seen, ejections) == ({"OK": 6, "INTERNAL": 4, "NOT_FOUND": 2}, 0)
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 async def test_health_checks_reach_an_ipv6_runtime(tmp_path):
     async with runtimes(("v6", ["sum"]), host="::1") as (rt,):
         entry = (f"    - {{name: v6, http_address: '[::1]:{rt.http_port}', models: [{{name: sum}}], "
