@@ -70,7 +70,8 @@ class ProxyApp:
         self.sidecar = None    # the registration stream when config.dynamic.sidecar is set
         self.grpc_server = None
         self.grpc_port = 0
-        self.grpc_channels = GrpcChannels(config.grpc.max_message_bytes, config.drain_timeout)
+        self.grpc_channels = GrpcChannels(config.grpc.max_message_bytes, config.drain_timeout,
+                                          config.http.connect_timeout)
 
     def _attach_pool(self, endpoint) -> None:
         s = self.config.http

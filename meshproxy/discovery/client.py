@@ -24,6 +24,7 @@ import grpc
 from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, discovery_pb2_grpc
 from meshproxy.config import DynamicSettings
 from meshproxy.discovery.state import TYPE_URLS, SubscriptionState, reconnect_delay
+from meshproxy.upstream.grpc_pool import connected
 
 log = logging.getLogger("meshproxy.discovery")
 CONNECT_TIMEOUT = 2.0
@@ -235,13 +236,7 @@ class AdsClient:
 async def connect(channel: grpc.aio.Channel) -> None:
     """Wait until the channel is READY; fail at once on a refused connection (so failover to
     the next address is quick), or after CONNECT_TIMEOUT."""
-    async with asyncio.timeout(CONNECT_TIMEOUT):
-        state = channel.get_state(try_to_connect=True)
-        while state != grpc.ChannelConnectivity.READY:
-            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                raise ConnectionError("cannot connect")
-            await channel.wait_for_state_change(state)
-            state = channel.get_state(try_to_connect=True)
+    await connected(channel, CONNECT_TIMEOUT)
 
 
 def _reason(e: BaseException) -> str:

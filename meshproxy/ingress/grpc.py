@@ -170,6 +170,13 @@ def read_request(ctx: GrpcContext, invocation_metadata, message: bytes | None) -
     return Request(model, message, bool(raw), version or None, front, tuple(forward), names)
 
 
+def _cancelled(context) -> str:
+    """The status of a call grpc cancelled under its handler: the client's deadline passing
+    (grpc answers DEADLINE_EXCEEDED), or the client or the server ending it."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+
+
 class InferenceProxy(grpc.GenericRpcHandler):
     """The generic handler: method name -> handler; unknown methods get None (UNIMPLEMENTED)."""
 
@@ -230,7 +237,7 @@ class InferenceProxy(grpc.GenericRpcHandler):
             code = self._fail(context, err)
             return None
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            code = _cancelled(context)
             raise
         finally:
             self._finish(method, req, code, t0, len(message), len(response or b""))
@@ -264,10 +271,10 @@ class InferenceProxy(grpc.GenericRpcHandler):
         except ProxyError as err:
             outcome.code = self._fail(context, err)
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: cancelled mid-write
-            outcome.code = "CANCELLED"
+            outcome.code = _cancelled(context)
             raise
         finally:
-            self._finish(STREAM, req, outcome.code, t0)
+            self._finish(STREAM, req, outcome.code, t0, outcome.bytes_in, outcome.bytes_out)
 
     def _finish(self, method: str, req: Request | None, code: str, t0: float,
                 bytes_in: int = 0, bytes_out: int = 0) -> None:

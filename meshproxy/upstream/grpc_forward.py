@@ -8,10 +8,11 @@ client may see yet (for a unary call: any try) is tried again when the route's r
 names its status (UNAVAILABLE, RESOURCE_EXHAUSTED, ...) or a connect failure, the retry budget
 allows it and the deadline leaves room for the backoff; the next try goes to another runtime
 when there is one. Otherwise the runtime's own status, details and trailers go back as they
-came, except that a runtime never reached (UNAVAILABLE with no response metadata) or a route
-deadline that ran out become the proxy's own errors naming the model. `stream` pins a
-ModelStreamInfer stream to one runtime and relays both ways; each try reports to outlier
-detection with the HTTP status Envoy maps the gRPC one to.
+came, except that a runtime never reached (a connect failure) or a route deadline that ran out
+become the proxy's own errors naming the model. `stream` pins a ModelStreamInfer stream to one
+runtime, connected before the call starts, so a runtime that cannot be reached is retried on
+another (connect-failure) before any message is taken from the client; then it relays both
+ways. Every try reports to outlier detection with the HTTP status Envoy maps the gRPC one to.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import grpc
 from meshproxy.errors import (NoHealthyUpstream, Overloaded, ProxyError, UpstreamFailure,
                               UpstreamTimeout)
 from meshproxy.routing.split import unit_hash
+from meshproxy.upstream.grpc_pool import connected
 from meshproxy.upstream.retry import CONNECT_FAILURE
 
 UPSTREAM_KEY = "x-meshproxy-upstream"
@@ -39,15 +41,27 @@ _AS_HTTP = {"CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE
 _OK = grpc.StatusCode.OK
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+# How grpc core words an UNAVAILABLE for a call it could not send (no connection to pick), and
+# how _channel_closed does. Any other UNAVAILABLE came from the runtime, or from a connection
+# that broke after the call went out: the runtime may have acted on it.
+_NOT_SENT = ("failed to connect to all addresses", "DNS resolution failed", "empty address list",
+             "the channel to runtime ")
+
+
+def never_reached(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call never reached its runtime (a connect failure)."""
+    return err.code() is _UNAVAILABLE and (err.details() or "").startswith(_NOT_SENT)
 
 
 class StreamOutcome:
-    """How a relayed stream ended (its gRPC status name), for the listener's metrics."""
+    """How a relayed stream ended (its gRPC status name) and the message bytes each way, for
+    the listener's metrics and access log."""
 
-    __slots__ = ("code",)
+    __slots__ = ("code", "bytes_in", "bytes_out")
 
     def __init__(self) -> None:
         self.code = "OK"
+        self.bytes_in = self.bytes_out = 0
 
 
 class GrpcForwarder:
@@ -204,7 +218,7 @@ class GrpcForwarder:
         return call, response, None
 
     def _report(self, endpoint, code: grpc.StatusCode) -> None:
-        status = _AS_HTTP.get(code.name, 500)
+        status = 200 if code is _OK else _AS_HTTP.get(code.name, 500)
         if status >= 500:
             self.ctx.outlier_failure(endpoint, status)
         else:
@@ -214,10 +228,9 @@ class GrpcForwarder:
     def _retry_reason(err: grpc.aio.AioRpcError, policy, left: float) -> str | None:
         if left <= 0:
             return None
-        code = err.code()
-        if code is _UNAVAILABLE and not err.initial_metadata():
+        if never_reached(err):
             return policy.on_failure(CONNECT_FAILURE) or policy.on_grpc_status("UNAVAILABLE")
-        return policy.on_grpc_status(code.name)
+        return policy.on_grpc_status(err.code().name)
 
     async def _send_initial(self, context, initial, endpoint) -> None:
         if self.ctx.upstream_header:
@@ -239,7 +252,7 @@ class GrpcForwarder:
         initial metadata may have gone out already (`initial_sent`)."""
         code = err.code()
         initial = err.initial_metadata()
-        if code is _UNAVAILABLE and not initial:
+        if never_reached(err):
             raise UpstreamFailure(f"model {model!r}: runtime {endpoint.name} is unavailable: "
                                   f"{err.details()}", model)
         if code is _DEADLINE and left <= 0.001:
@@ -258,14 +271,12 @@ class GrpcForwarder:
     async def stream(self, req, first, requests, snapshot, target, balancer, context,
                      outcome: StreamOutcome):
         """Relay a ModelStreamInfer stream on one runtime; yields the runtime's messages."""
-        endpoint = self.pick(balancer, req.model, target, self.hash_key(req, target))
-        channel = self.channel(snapshot, endpoint, target, req.model)
-        req.endpoint = endpoint
-        pump = StreamPump(req, target, first, requests)
+        endpoint, channel = await self._connect_stream(req, snapshot, target, balancer, context)
+        pump = StreamPump(req, target, first, requests, outcome)
         metadata, span = req.forwarded_metadata(target), None
         if req.span is not None:
             span, metadata = self.ctx.tracing.start_try(req.span, metadata, endpoint,
-                                                        target.model, 1, None)
+                                                        target.model, req.tries + 1, None)
         endpoint.active += 1
         endpoint.total += 1
         call = channel.stream(STREAM_METHOD)(pump.messages(), timeout=context.time_remaining(),
@@ -276,10 +287,12 @@ class GrpcForwarder:
             await self._send_initial(context, initial, endpoint)
             initial_sent = True
             async for response in call:
+                outcome.bytes_out += len(response)
                 yield response
             if pump.error is not None:
                 raise pump.error
             code = await call.code()
+            self._report(endpoint, code)
             trailers = await call.trailing_metadata()
             if trailers:
                 context.set_trailing_metadata(tuple(trailers))
@@ -290,6 +303,7 @@ class GrpcForwarder:
         except grpc.aio.AioRpcError as e:
             if pump.error is not None:
                 raise pump.error from None
+            self._report(endpoint, e.code())
             outcome.code = await self.relay_error(context, e, req.model, endpoint, 1.0,
                                                   initial_sent)
         except asyncio.CancelledError:
@@ -303,6 +317,44 @@ class GrpcForwarder:
                 call.cancel()
             if span is not None:
                 self.ctx.tracing.end(span, outcome.code)
+
+    async def _connect_stream(self, req, snapshot, target, balancer, context):
+        """A runtime for the stream whose channel is connected: one that cannot be reached is
+        an outlier failure and, as the route's policy allows, the next try goes to another."""
+        ctx, policy, budget = self.ctx, target.retry, target.budget
+        key = self.hash_key(req, target)
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = loop.time() + (ctx.channels.connect_timeout if remaining is None
+                                  else min(remaining, ctx.channels.connect_timeout))
+        endpoint, tries, retrying = None, 0, False
+        budget.active_requests += 1
+        try:
+            while True:
+                endpoint = self.pick(balancer, req.model, target, key, endpoint)
+                channel = self.channel(snapshot, endpoint, target, req.model)
+                req.endpoint, req.tries = endpoint, tries
+                try:
+                    await connected(channel.channel, max(deadline - loop.time(), 0.0))
+                    return endpoint, channel
+                except (ConnectionError, TimeoutError):
+                    ctx.outlier_failure(endpoint, 503)
+                reason = policy.on_failure(CONNECT_FAILURE)
+                pause = policy.backoff(tries + 1, ctx.rnd)
+                if pause >= deadline - loop.time() or not self._may_retry(
+                        reason, tries, retrying, policy, budget, req.model):
+                    raise UpstreamFailure(f"model {req.model!r}: runtime {endpoint.name} is "
+                                          f"unavailable: cannot connect", req.model)
+                tries += 1
+                ctx.metrics.record_retry(req.model, reason)
+                if not retrying:
+                    retrying = True
+                    budget.active_retries += 1
+                await asyncio.sleep(pause)
+        finally:
+            budget.active_requests -= 1
+            if retrying:
+                budget.active_retries -= 1
 
 
 def _cancelled_here() -> bool:
@@ -327,19 +379,22 @@ class StreamPump:
     protobuf, half-closes the upstream stream and is kept in `error`: the client gets the
     answers to the messages before it, then INVALID_ARGUMENT."""
 
-    def __init__(self, req, target, first: bytes | None, requests):
+    def __init__(self, req, target, first: bytes | None, requests, outcome: StreamOutcome):
         self.req = req
         self.target = target
         self.first = first
         self.requests = requests
+        self.outcome = outcome
         self.error: ProxyError | None = None
 
     async def messages(self):
         try:
             if self.first is not None:
+                self.outcome.bytes_in += len(self.first)
                 yield self.req.for_message(self.first).upstream_message(self.target)
                 self.first = None
             async for message in self.requests:
+                self.outcome.bytes_in += len(message)
                 yield self.req.for_message(message).upstream_message(self.target)
         except ProxyError as err:
             self.error = err  # ends the request stream here; grpc half-closes the call

@@ -51,7 +51,9 @@ class GrpcChannel:
 class GrpcChannels:
     """Channels to every runtime of the current snapshot that has a gRPC address."""
 
-    def __init__(self, max_message_bytes: int, close_grace: float = 10.0):
+    def __init__(self, max_message_bytes: int, close_grace: float = 10.0,
+                 connect_timeout: float = 5.0):
+        self.connect_timeout = connect_timeout
         self.options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -62,8 +64,11 @@ class GrpcChannels:
             # A runtime that comes back is found within a second, not after grpc's 2-minute
             # reconnect backoff (calls fail fast meanwhile and are retried elsewhere).
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # grpc core's name for the shortest time a connection attempt (TCP and HTTP/2
+            # handshakes) gets: http.connect_timeout, as for REST. At 100 ms, a runtime slower
+            # than that to answer the handshake failed the first call on every new connection.
+            ("grpc.min_reconnect_backoff_ms", max(1, round(connect_timeout * 1000))),
             # Each runtime gets its own connection, not one shared through the global pool.
             ("grpc.use_local_subchannel_pool", 1),
         ]
@@ -106,3 +111,15 @@ class GrpcChannels:
         self._snapshot = None
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def connected(channel: grpc.aio.Channel, timeout: float) -> None:
+    """Return once `channel` is READY. Raises ConnectionError as soon as it fails to connect
+    (so the caller can go to another address at once), TimeoutError after `timeout`."""
+    async with asyncio.timeout(timeout):
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                raise ConnectionError("cannot connect")
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)

@@ -11,6 +11,7 @@ import random
 import re
 import sys
 import textwrap
+import types
 
 import grpc
 import pytest
@@ -672,3 +673,106 @@ async def test_listeners_on_an_ipv6_address_serve_rest_and_grpc():
         writer.close()
     finally:
         await app.stop()
+
+
+async def _echo_stream(requests, context):
+    async for message in requests:
+        yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
+            model_name="m", id=pb.ModelInferRequest.FromString(message).id)).SerializeToString()
+
+
+async def test_a_stream_to_a_runtime_that_cannot_be_reached_goes_to_another_and_ejects_it():
+    # Streams took one try: with one holder down, every other stream failed UNAVAILABLE for
+    # as long as it stayed in the table, and outlier detection never heard of it.
+    async with raw_runtime("live", "m", stream=_echo_stream) as rt, \
+            proxy([rt], dead={"dead": ["m"]}, routes="- model: m\n  balancer: round_robin\n") \
+            as app, stub(app) as s:
+        answers = []
+        for i in range(12):
+            async def one(i=i):
+                yield sum_request(1, model="m", id=f"s{i}")
+            answers += [pb.ModelStreamInferResponse.FromString(r.SerializeToString())
+                        .infer_response.id async for r in s.ModelStreamInfer(one(), timeout=5)]
+        assert answers == [f"s{i}" for i in range(12)]
+        assert app.registry.endpoints["dead"].ejected  # consecutive_gateway_failure: 5
+        assert requests_counted(app, "m", "OK", "live") == 12
+        assert app.metrics.registry.get_sample_value(
+            "meshproxy_retries_total", {"model": "m", "reason": "connect-failure"}) >= 5
+        assert app.registry.endpoints["live"].active == 0
+
+
+async def test_a_runtimes_own_unavailable_answer_is_relayed_as_it_came():
+    # An UNAVAILABLE the runtime answered itself was taken for one it never got: its details
+    # were replaced, its trailers dropped, and a connect-failure policy retried it.
+    seen = []
+
+    async def unloading(message, context):
+        seen.append(1)
+        context.set_trailing_metadata((("x-reason", "unloading"),))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "model m is unloading, try r2")
+
+    routes = "- model: m\n  retry_policy: {retry_on: connect-failure, num_retries: 2}\n"
+    async with raw_runtime("rt", "m", unloading) as rt, proxy([rt], routes=routes) as app, \
+            stub(app) as s:
+        err = await rpc_error(s.ModelInfer(sum_request(1, model="m"), timeout=5))
+        assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE,
+                                               "model m is unloading, try r2")
+        assert dict(err.trailing_metadata())["x-reason"] == "unloading"
+        assert len(seen) == 1  # not retried: it reached the runtime
+        assert requests_counted(app, "m", "UNAVAILABLE", "rt") == 1
+
+
+async def test_a_runtime_slower_than_100ms_to_accept_a_connection_still_gets_the_call():
+    # grpc core gives a connection attempt at least grpc.min_reconnect_backoff_ms, which was
+    # 100: the first call on each new connection to a runtime that slow failed UNAVAILABLE.
+    async with runtimes(("r1", ["sum"])) as (r1,):
+        async def relay(reader, writer):
+            await asyncio.sleep(0.3)  # the scenario: a slow handshake (a busy runtime, a WAN)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", r1.grpc_port)
+
+            async def pump(src, dst):
+                with contextlib.suppress(ConnectionError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+        slow = await asyncio.start_server(relay, "127.0.0.1", 0)
+        behind = types.SimpleNamespace(name="r1", http_port=r1.http_port,
+                                       grpc_port=slow.sockets[0].getsockname()[1],
+                                       loaded_models=lambda: ["sum"])
+        try:
+            async with proxy([behind]) as app, stub(app) as s:
+                response = await s.ModelInfer(sum_request(1, 2), timeout=5)
+                assert response.model_name == "sum"
+        finally:
+            slow.close()
+
+
+async def test_a_call_past_the_clients_deadline_is_counted_deadline_exceeded(tmp_path):
+    # It was counted and logged CANCELLED: timeouts looked like clients giving up.
+    log = tmp_path / "access.log"
+    async with runtimes(("r1", ["sum"]), latency_ms=500) as rts, \
+            proxy(rts, extra=f"telemetry: {{access_log: {{path: '{log}'}}}}\n") as app, \
+            stub(app) as s:
+        err = await rpc_error(s.ModelInfer(sum_request(1, 2), timeout=0.1))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await eventually(lambda: requests_counted(app, "sum", "DEADLINE_EXCEEDED", "r1") == 1)
+    assert json.loads(log.read_text())["status"] == "DEADLINE_EXCEEDED"
+
+
+async def test_a_streams_bytes_are_counted_and_logged(tmp_path):
+    log = tmp_path / "access.log"
+    async with raw_runtime("rt", "m", stream=_echo_stream) as rt, \
+            proxy([rt], extra=f"telemetry: {{access_log: {{path: '{log}'}}}}\n") as app, \
+            stub(app) as s:
+        sent = [sum_request(1, 2, model="m", id=f"n{i}") for i in range(3)]
+
+        async def messages():
+            for m in sent:
+                yield m
+        got = [r async for r in s.ModelStreamInfer(messages(), timeout=5)]
+    line = json.loads(log.read_text())
+    assert line["bytes_in"] == sum(m.ByteSize() for m in sent)
+    assert line["bytes_out"] == sum(r.ByteSize() for r in got)
