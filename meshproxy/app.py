@@ -138,7 +138,7 @@ class ProxyApp:
                     self.config.grpc.max_message_bytes, reuse_port=self.reuse_port)
                 self._close_hold()
         except OSError as e:
-            self.opened.set_exception(e)
+            self._open_failed(e)
             return
         self._opening = asyncio.get_running_loop().create_task(self._serve())
 
@@ -152,8 +152,7 @@ class ProxyApp:
             if self.grpc_server is not None:
                 await self.grpc_server.start()
         except OSError as e:
-            if not self.opened.done():
-                self.opened.set_exception(e)
+            self._open_failed(e)
             return
         if not self.opened.done():
             self.serving = True
@@ -163,6 +162,12 @@ class ProxyApp:
                  self.http_port, f"{self.config.grpc_address.host}:{self.grpc_port}"
                  if self.grpc_server is not None else "off", self.config.admin_address.host,
                  self.admin_port)
+
+    def _open_failed(self, e: OSError) -> None:
+        log.error("cannot listen: %s", e)
+        if not self.opened.done():
+            self.opened.set_exception(e)
+            self.opened.exception()  # retrieved: serve_proxy exits with it; a test may not wait
 
     def _close_hold(self) -> None:
         for sock in self._grpc_hold:

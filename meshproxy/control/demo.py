@@ -82,6 +82,7 @@ async def run(once: bool = False) -> None:
     await proxy.start()
     lines: list[str] = []
     try:
+        await proxy.opened  # its ports listen once the control plane's first table is in force
         print(f"control plane grpc=127.0.0.1:{cp.grpc_port} admin=127.0.0.1:{cp.admin_port}; "
               f"proxy rest=127.0.0.1:{proxy.http_port} admin=127.0.0.1:{proxy.admin_port}")
         await _until(lambda: _holders(proxy, "mnist") == {"runtime-b", "runtime-c"})

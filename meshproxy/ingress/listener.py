@@ -35,6 +35,9 @@ def bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
             if len(sockets) > 1:  # the others join the first one's port
                 sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
             sock.bind(sockaddr)
+            # Linux lets two SO_REUSEADDR sockets bind one port while neither listens: clear
+            # it, so that while this one waits to listen, no other server takes the port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     except OSError:
         for sock in sockets:
             sock.close()

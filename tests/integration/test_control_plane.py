@@ -8,6 +8,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import sys
 import textwrap
 
@@ -71,7 +72,10 @@ async def proxies(cp_port: int, protocols=("DELTA", "STATE_OF_THE_WORLD"), extra
 
 
 def routes(app: ProxyApp, model: str) -> set[str]:
-    """The runtimes in `app`'s snapshot holding `model` READY (empty: not routable)."""
+    """The runtimes in `app`'s snapshot holding `model` READY (empty: not routable, or the
+    proxy's ports are not listening yet: its first table is still incomplete)."""
+    if not app.serving:
+        return set()
     return {rt.name for rt in app.ctx.snapshot.runtimes
             if any(m.name == model and m.state == 0 for m in rt.models)}
 
@@ -773,6 +777,10 @@ async def test_a_proxy_takes_no_connection_until_its_control_plane_answered_or_t
                 async with s.get(f"http://127.0.0.1:{lonely.admin_port}/ready") as r:
                     assert (r.status, await r.text()) == (503, "INITIALIZING\n")
                 assert await refused(lonely.http_port) and await refused(lonely.grpc_port)
+                # not listening, but held: another server cannot take the port meanwhile
+                with socket.socket() as other, pytest.raises(OSError):
+                    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    other.bind(("127.0.0.1", lonely.http_port))
                 await eventually(lambda: lonely.ready(), timeout=5)
                 assert loop.time() - started >= 0.9
                 async with s.get(f"http://127.0.0.1:{lonely.http_port}/v2/health/ready") as r:
