@@ -68,6 +68,7 @@ def build_admin(app) -> web.Application:
         return _json({
             "version": snap.version,
             "bootstrap": dump(app.config.source),
+            "restart_pending": app.restart_pending,
             "runtimes": [dump(r) for r in snap.runtimes],
             "routes": [dump(r) for r in snap.routes],
         })

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
 
 from meshproxy import __version__
+from meshproxy._proto.meshproxy.v1 import bootstrap_pb2
 from meshproxy.admin import build_admin, start_admin
 from meshproxy.config import ConfigError, ProxyConfig, load_file
 from meshproxy.cluster.health import HealthChecker
@@ -24,6 +26,9 @@ from meshproxy.upstream.http_pool import HttpPool
 
 log = logging.getLogger("meshproxy")
 TICK = 0.1  # seconds between deadline checks: the precision of every timeout
+# The config file's settings that an edit cannot change in a running proxy.
+RESTART_FIELDS = ("node", "listeners", "admin", "http", "grpc", "drain_timeout", "telemetry",
+                  "dynamic_resources")
 
 
 class ProxyApp:
@@ -55,6 +60,7 @@ class ProxyApp:
         self.ctx.outlier.set_clusters(snap.clusters.values())
         self.health = HealthChecker()
         self.watcher: FileWatcher | None = None
+        self.restart_pending: list[str] = []  # settings the file changed that wait for a restart
         self.watch_interval = 1.0
         self.servers: list[asyncio.Server] = []  # REST, one per address the host resolves to
         self._rest_sockets: list = []  # bound, not yet handed to a server
@@ -200,12 +206,21 @@ class ProxyApp:
             self.ctx.tick()
 
     def _reload(self, config: ProxyConfig) -> None:
-        """A new version of the config file: its resources apply now; listener, admin and http
-        settings need a restart (they are bound or baked into connections)."""
-        # The file's own listeners/admin fields: a worker's bound addresses differ from them.
-        if (config.source.listeners, config.source.admin, config.http) != (
-                self.config.source.listeners, self.config.source.admin, self.config.http):
-            log.warning("config file: listener, admin and http settings change on restart only")
+        """A new version of the config file: its static resources apply now; every other
+        setting is bound into listeners, connections or tasks and waits for a restart (named in
+        the log and in /config_dump's restart_pending)."""
+        old, new = self.config.source, config.source
+        self.restart_pending = [name for name in RESTART_FIELDS if old.HasField(name) !=
+                                new.HasField(name) or getattr(old, name) != getattr(new, name)]
+        if self.restart_pending:
+            log.warning("config file: %s changed; that takes a restart (the static resources "
+                        "apply now)", ", ".join(self.restart_pending))
+        # What is in force: the settings read at start, the file's static resources.
+        in_force = bootstrap_pb2.Bootstrap()
+        in_force.CopyFrom(old)
+        in_force.static_resources.CopyFrom(new.static_resources)
+        self.config = dataclasses.replace(self.config, runtimes=config.runtimes,
+                                          routes=config.routes, source=in_force)
         if self.discovery is not None:  # static resources sit next to the dynamic ones
             self.discovery.set_static(config.runtimes, config.routes)
             return

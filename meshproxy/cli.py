@@ -81,9 +81,10 @@ def _is_control_plane(text: str) -> bool:
     """Whether every top-level key is a ControlPlaneConfig field and some key is not a
     Bootstrap field (so a file that fits neither is checked, and reported, as a proxy's)."""
     from meshproxy._proto.meshproxy.v1 import bootstrap_pb2, control_plane_pb2
+    from meshproxy.config import load_yaml
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        data = load_yaml(text)
+    except (yaml.YAMLError, RecursionError):
         return False
     if not isinstance(data, dict) or not data:
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 
@@ -18,6 +19,11 @@ from meshproxy.upstream.retry import from_proto as retry_from_proto
 
 EXIT_CONFIG = 64  # EX_USAGE, as linkerd2-proxy exits on bad config
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]{0,252}[A-Za-z0-9_])?")  # or an IPv4 address
+# A runtime's name goes into a response header (x-meshproxy-upstream), metric labels and the
+# admin pages: the model name's characters only.
+_RUNTIME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
+_DIALECTS = frozenset(resources_pb2.Runtime.Dialect.values())
 
 
 class ConfigError(Exception):
@@ -102,13 +108,42 @@ def read_file(path: str) -> str:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """yaml.safe_load's rules (with libyaml's parser when it is there), but a key given twice
+    in one mapping is an error: the last would win, silently dropping what the first said."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys a merge brings in may be overridden: that is what it is for
+            key = self.construct_object(key_node, deep=True)
+            try:
+                again = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """The YAML document in `text` (yaml.YAMLError, RecursionError when nested too deeply)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def parse_yaml(text: str, msg, source: str):
     """YAML text into the proto message `msg` (json_format: an unknown field is an error
     naming its path); ConfigError messages start with `source`."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -117,6 +152,8 @@ def parse_yaml(text: str, msg, source: str):
         json_format.ParseDict(data, msg)
     except json_format.ParseError as e:
         raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
     return msg
 
 
@@ -163,15 +200,26 @@ def _validate_listeners(c: ProxyConfig) -> None:
     """No two listeners on one host:port: the second bind would fail ("cannot listen", exit 1),
     or, with --workers' SO_REUSEPORT, REST and gRPC would share the port. Port 0 is a new free
     port for each listener, never a clash."""
-    taken: dict[Address, str] = {}
+    taken: list[tuple[Address, str]] = []
     for field, address in (("listeners.http_address", c.http_address),
                            ("listeners.grpc_address", c.grpc_address),
                            ("admin.address", c.admin_address)):
         if address is None or address.port == 0:
             continue
-        if address in taken:
-            raise ConfigError(f"{field}: {address} is also {taken[address]}")
-        taken[address] = field
+        for other, other_field in taken:
+            if _overlap(address, other):
+                raise ConfigError(f"{field}: {address} is also {other_field}"
+                                  + ("" if address == other else f" ({other})"))
+        taken.append((address, field))
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Whether two listener addresses may take the same connections: one port, and the same
+    host, a wildcard (0.0.0.0, ::) or a name (it may resolve to the other's address)."""
+    if a.port != b.port:
+        return False
+    ips = _ip(a.host), _ip(b.host)
+    return a.host == b.host or None in ips or any(ip.is_unspecified for ip in ips)
 
 
 def _telemetry(t: bootstrap_pb2.Telemetry) -> TelemetrySettings:
@@ -279,11 +327,31 @@ def _dynamic(b: bootstrap_pb2.Bootstrap) -> DynamicSettings | None:
 
 
 def parse_address(text: str, where: str) -> Address:
+    """host:port, where host is a name, an IPv4 address or an IPv6 one ([::1]:80)."""
     host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if (not sep or not host or not port.isascii() or not port.isdigit()
+            or not 0 <= int(port) <= 65535 or not _host(host)):
         raise ConfigError(f"{where}: {text!r} is not host:port")
     return Address(host, int(port))
+
+
+def _host(host: str) -> bool:
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return bool(_HOST_NAME.fullmatch(host))
+
+
+def _ip(host: str):
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def validate_resources(runtimes, routes, prefix: str) -> None:
@@ -293,6 +361,12 @@ def validate_resources(runtimes, routes, prefix: str) -> None:
         where = f"{prefix}.runtimes[{i}]"
         if not rt.name:
             raise ConfigError(f"{where}.name: required")
+        if not _RUNTIME_NAME.fullmatch(rt.name):
+            raise ConfigError(f"{where}.name: {rt.name[:64]!r}: use letters, digits and . _ - : "
+                              f"only, starting with a letter or digit, at most 256")
+        if rt.dialect not in _DIALECTS:
+            raise ConfigError(f"{where}.dialect: unknown dialect {rt.dialect}")
+        _runtime_policy(rt, where)
         if rt.name in seen:
             raise ConfigError(f"{where}.name: duplicate runtime name {rt.name!r}")
         seen.add(rt.name)
@@ -306,6 +380,22 @@ def validate_resources(runtimes, routes, prefix: str) -> None:
         for j, m in enumerate(rt.models):
             _model(m.name, f"{where}.models[{j}].name")
     _validate_routes(routes, prefix)
+
+
+def _runtime_policy(rt, where: str) -> None:
+    """Health check and outlier detection settings a loop or a ratio could not work with."""
+    if rt.HasField("health_check"):
+        for name in ("interval", "timeout"):
+            if rt.health_check.HasField(name) and \
+                    getattr(rt.health_check, name).ToNanoseconds() <= 0:
+                raise ConfigError(f"{where}.health_check.{name}: must be positive")
+    if rt.HasField("outlier_detection"):
+        od = rt.outlier_detection
+        for name in ("base_ejection_time", "max_ejection_time"):
+            if od.HasField(name) and getattr(od, name).ToNanoseconds() <= 0:
+                raise ConfigError(f"{where}.outlier_detection.{name}: must be positive")
+        if od.HasField("max_ejection_percent") and od.max_ejection_percent.value > 100:
+            raise ConfigError(f"{where}.outlier_detection.max_ejection_percent: at most 100")
 
 
 def _validate_routes(routes, prefix: str) -> None:
@@ -333,12 +423,18 @@ def _validate_routes(routes, prefix: str) -> None:
                     raise ConfigError(str(e)) from None
             for j, t in enumerate(rule.targets):
                 _model(t.model, f"{where}.matches[{k}].targets[{j}].model")
+                if len(rule.targets) > 1 and t.weight < 1:
+                    raise ConfigError(f"{where}.matches[{k}].targets[{j}].weight: must be at "
+                                      f"least 1 in a split")
         if route.HasField("mirror"):
             _model(route.mirror.model, f"{where}.mirror.model")
             if not 0 <= route.mirror.fraction.value <= 1:
                 raise ConfigError(f"{where}.mirror.fraction: must be between 0 and 1")
         if route.rate_limit.requests_per_second < 0:
             raise ConfigError(f"{where}.rate_limit.requests_per_second: must not be negative")
+        if route.HasField("choice_count") and not 2 <= route.choice_count.value <= 100:
+            raise ConfigError(f"{where}.choice_count: must be between 2 and 100 (as Envoy, at "
+                              f"least 2)")
         if route.balancer in ("ring_hash", "maglev") and not route.hash_header:
             raise ConfigError(f"{where}.hash_header: required by balancer {route.balancer}")
         if route.HasField("retry_policy"):

@@ -9,6 +9,7 @@ elsewhere or later), stop the gRPC server, stop the admin.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,16 +21,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshproxy._proto.meshproxy.v1 import discovery_pb2_grpc
 from meshproxy.admin import start_admin, stats_response
+from meshproxy.config import ConfigError
+from meshproxy.config_watch import FileWatcher
 from meshproxy.control.cache import ResourceCache
 from meshproxy.control.config import ControlPlaneSettings, load_file
 from meshproxy.control.metrics import ControlPlaneMetrics
 from meshproxy.control.registration import Registrations, RegistrationServicer
 from meshproxy.control.server import AdsServicer, ProxyRegistry
-from meshproxy.control.sources import ConfigWatcher, DiscoveryPoller
+from meshproxy.control.sources import DiscoveryPoller
 from meshproxy.discovery.client import keepalive_options
 from meshproxy.discovery.state import TYPE_URLS
 
 log = logging.getLogger("meshproxy.control")
+
+
+# Settings bound into the listeners, the ADS server, the sessions or the polling client: an
+# edit to them waits for a restart.
+RESTART_FIELDS = ("grpc_address", "admin_address", "identifier", "request_timeout",
+                  "heartbeat_interval", "registration_state_path", "keepalive_interval",
+                  "keepalive_timeout")
 
 
 class ControlPlaneApp:
@@ -44,7 +54,8 @@ class ControlPlaneApp:
                                            taken=self._configured,
                                            state_path=settings.registration_state_path)
         self.ads = AdsServicer(self.cache, self.proxies, self.metrics, settings.identifier)
-        self.watcher: ConfigWatcher | None = None
+        self.watcher: FileWatcher | None = None
+        self.restart_pending: list[str] = []  # settings the file changed that wait for a restart
         self.grpc_port = 0
         self.admin_port = 0
         self._server: grpc.aio.Server | None = None
@@ -70,11 +81,17 @@ class ControlPlaneApp:
 
     def reconfigure(self, settings: ControlPlaneSettings) -> None:
         """A good config edit: new pollers, new static resources, pushed at once."""
-        if (settings.grpc_address, settings.admin_address) != (
-                self.settings.grpc_address, self.settings.admin_address):
-            log.warning("listener address changes need a restart; keeping the old ones")
-        self.settings = settings
+        pending = [f for f in RESTART_FIELDS if getattr(settings, f) != getattr(self.settings, f)]
+        if pending:
+            log.warning("config: %s changed; that takes a restart, the old values stay in force",
+                        ", ".join(pending))
+        self.restart_pending = pending
+        # those stay as they were started with; the rest applies now
+        self.settings = dataclasses.replace(
+            settings, **{f: getattr(self.settings, f) for f in pending})
         self.registrations.grace = settings.registration_grace
+        if self.watcher is not None:
+            self.watcher.interval = settings.watch_interval
         self.poller.configure(settings.discovered, settings.poll_interval, settings.grace,
                               settings.request_timeout)
         self.publish()
@@ -111,15 +128,16 @@ class ControlPlaneApp:
             self._admin(), s.admin_address.host, s.admin_address.port)
         self.registrations.start()
         if self.path is not None:
-            self.watcher = ConfigWatcher(self.path, load_file, self.reconfigure,
-                                         s.watch_interval, self.metrics)
+            self.watcher = FileWatcher(
+                self.path, load_file, self.reconfigure, (ConfigError,), s.watch_interval,
+                lambda result: self.metrics.config_reloads.labels(result).inc())
             self.watcher.start()
         log.info("control plane listening: grpc=%s:%d admin=%s:%d", s.grpc_address.host,
                  self.grpc_port, s.admin_address.host, self.admin_port)
 
     async def stop(self) -> None:
         if self.watcher is not None:
-            await self.watcher.close()
+            await self.watcher.stop()
         await self.poller.close()
         await self.registrations.close()
         self.ads.cancel_streams()
@@ -158,6 +176,7 @@ class ControlPlaneApp:
         cache = self.cache.dump()
         return _json({
             "config": dump(self.settings.source),
+            "restart_pending": self.restart_pending,
             "config_error": self.watcher.last_error if self.watcher else "",
             "versions": {t: v["version"] for t, v in cache.items()},
             "runtimes": [dump(e.message) for e in self._entries(0)],

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Awaitable, Callable
 
 import aiohttp
 
 from meshproxy._proto.meshproxy.v1 import resources_pb2
-from meshproxy.config import ConfigError
 
 log = logging.getLogger("meshproxy.control")
 Runtime, LoadedModel = resources_pb2.Runtime, resources_pb2.LoadedModel
@@ -219,61 +217,3 @@ class DiscoveryPoller:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-class ConfigWatcher:
-    """Re-reads a file when its mtime or size changes; a bad edit is logged and ignored."""
-
-    def __init__(self, path: str, load: Callable[[str], object], apply: Callable[[object], None],
-                 interval: float, metrics=None):
-        self.path, self._load, self._apply = path, load, apply
-        self.interval = interval
-        self._metrics = metrics
-        self._stamp = self._stat()
-        self.last_error = ""
-        self._task: asyncio.Task | None = None
-
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-            return st.st_mtime_ns, st.st_size, st.st_ino
-        except OSError:
-            return None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._watch(), name="config-watch")
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.check()
-            except Exception as e:  # noqa: BLE001 - a bug applying one edit: keep watching
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.exception("config edit of %s failed to apply", self.path)
-
-    def check(self) -> None:
-        stamp = self._stat()
-        if stamp is None or stamp == self._stamp:
-            return
-        self._stamp = stamp
-        try:
-            settings = self._load(self.path)
-        except ConfigError as e:
-            self.last_error = str(e)
-            log.error("config edit rejected, the last good config stays in force: %s", e)
-            self._count("rejected")
-            return
-        self.last_error = ""
-        log.info("config %s reloaded", self.path)
-        self._count("applied")
-        self._apply(settings)
-
-    def _count(self, result: str) -> None:
-        if self._metrics is not None:
-            self._metrics.config_reloads.labels(result).inc()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)

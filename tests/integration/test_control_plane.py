@@ -61,7 +61,9 @@ async def proxies(cp_port: int, protocols=("DELTA", "STATE_OF_THE_WORLD"), extra
                 f"node: {{id: proxy-{i}, cluster: test}}\n"
                 "listeners: {http_address: '127.0.0.1:0', grpc_address: '127.0.0.1:0'}\nadmin: {address: '127.0.0.1:0'}\n"
                 f"dynamic_resources:\n  ads_addresses: ['127.0.0.1:{cp_port}']\n"
-                f"  protocol: {protocol}\n  initial_backoff: 0.1s\n  max_backoff: 0.4s\n"
+                f"  protocol: {protocol}\n"
+                + ("" if "initial_backoff" in extra else "  initial_backoff: 0.1s\n")
+                + ("" if "max_backoff" in extra else "  max_backoff: 0.4s\n")
                 + textwrap.indent(textwrap.dedent(extra), "  ")))
             await app.start()
             apps.append(app)
@@ -308,6 +310,11 @@ async def test_config_edits_are_pushed_and_invalid_edits_keep_the_last_good_conf
         assert [r.model for r in cp.settings.routes] == ["total"]
         async with aiohttp.ClientSession() as s:
             assert await infer(s, app, "total") == (200, "r1")
+        # an edit to a setting bound at start is named, and the one in force is kept
+        path.write_text(cp_yaml([r1], extra=route).replace("watch_interval: 0.1s",
+                                                           "watch_interval: 0.1s\nidentifier: cp-b"))
+        await eventually(lambda: cp.restart_pending == ["identifier"], timeout=3)
+        assert cp.settings.identifier != "cp-b" and cp.watcher.last_error == ""
 
 
 async def test_a_sidecar_registered_runtime_appears_and_disappears_with_its_stream():

@@ -377,3 +377,24 @@ async def test_what_the_drain_deadline_cuts_off_and_late_answers_are_still_count
                 await p.stop()
     lines = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert [ln["status"] for ln in lines] == [200, 200, 0]
+
+
+async def test_an_edit_applies_its_static_resources_and_names_what_waits_for_a_restart(tmp_path):
+    # /config_dump kept showing the bootstrap read at start after an edit applied, and an edit
+    # to drain_timeout or telemetry was logged "applied" while it did nothing.
+    async with runtimes(("r1", ["sum"]), ("r2", ["identity"])) as (r1, r2):
+        path = tmp_path / "p.yaml"
+        async with proxy_file(path, config(rt_yaml(r1))) as p:
+            edited = config(rt_yaml(r2), extra="drain_timeout: 3s\n")
+            new = tmp_path / "p.yaml.new"
+            new.write_text(edited)
+            new.replace(path)
+            await eventually(lambda: "r2" in p.ctx.snapshot.endpoints, timeout=5)
+            async with aiohttp.ClientSession() as s, s.get(
+                    f"http://127.0.0.1:{p.admin_port}/config_dump") as r:
+                dump = await r.json()
+            assert dump["restart_pending"] == ["drain_timeout"]
+            boot = dump["bootstrap"]
+            assert [rt["name"] for rt in boot["static_resources"]["runtimes"]] == ["r2"]
+            assert "drain_timeout" not in boot  # what is in force: as started
+            assert p.config.drain_timeout != 3.0

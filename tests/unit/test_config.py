@@ -107,3 +107,54 @@ def test_an_access_log_in_a_read_only_directory_is_a_config_error(tmp_path):
     finally:
         tmp_path.chmod(0o755)
     assert "telemetry.access_log.path" in str(e.value) and "not writable" in str(e.value)
+
+
+RT = "{name: a, http_address: 'h:1'"
+
+
+@pytest.mark.parametrize("text, path", [
+    # found by review: each was taken (a crash, a hang, a header injected), or a traceback
+    ("listeners: {http_address: '0.0.0.0:8000', grpc_address: '127.0.0.1:8000'}",
+     "listeners.grpc_address"),
+    ("listeners: {http_address: 'localhost:8000'}\nadmin: {address: '127.0.0.1:8000'}",
+     "admin.address"),
+    ("static_resources: {runtimes: [{name: \"r1\\r\\nset-cookie: x=1\", http_address: 'h:1'}]}",
+     "static_resources.runtimes[0].name"),
+    (f"static_resources: {{runtimes: [{RT}, dialect: 99}}]}}", "runtimes[0].dialect"),
+    (f"static_resources: {{runtimes: [{RT}, health_check: {{interval: 0s}}}}]}}",
+     "runtimes[0].health_check.interval"),
+    (f"static_resources: {{runtimes: [{RT}, health_check: {{timeout: -1s}}}}]}}",
+     "runtimes[0].health_check.timeout"),
+    (f"static_resources: {{runtimes: [{RT}, outlier_detection: {{max_ejection_percent: 500}}}}]}}",
+     "runtimes[0].outlier_detection.max_ejection_percent"),
+    (f"static_resources: {{runtimes: [{RT}, outlier_detection: {{base_ejection_time: -5s}}}}]}}",
+     "runtimes[0].outlier_detection.base_ejection_time"),
+    ("static_resources: {routes: [{model: m, choice_count: 4000000000}]}", "routes[0].choice_count"),
+    ("static_resources: {routes: [{model: m, choice_count: 0}]}", "routes[0].choice_count"),
+    ("static_resources: {routes: [{model: m, matches: [{headers: [{name: x, present: true}], "
+     "targets: [{model: a, weight: 0}, {model: b, weight: 1}]}]}]}",
+     "routes[0].matches[0].targets[0].weight"),
+    ("listeners: {http_address: '127.0.0.1:\u00b2'}", "listeners.http_address"),
+    ("listeners: {http_address: '127.0.0.1:\u0664\u0665'}", "listeners.http_address"),
+    ("listeners: {http_address: 'http://127.0.0.1:80'}", "listeners.http_address"),
+    ("static_resources: {runtimes: [{name: a, http_address: 'a b:80'}]}",
+     "runtimes[0].http_address"),
+    ("x: " + "[" * 5000, "nest"),  # libyaml's limit, or a RecursionError caught
+    ("static_resources: {runtimes: [" + RT + "}]}\nstatic_resources: {routes: []}",
+     "found the key 'static_resources' twice"),
+])
+def test_what_reviewers_found_taken_is_a_config_error_naming_the_field(text, path):
+    with pytest.raises(ConfigError) as e:
+        load_text(text, source="cfg.yaml")
+    assert path in str(e.value) and str(e.value).startswith("cfg.yaml"), str(e.value)
+
+
+def test_addresses_names_and_yaml_merges_that_stay_valid():
+    c = load_text("listeners: {http_address: '10.0.0.1:8000', grpc_address: '10.0.0.2:8000'}\n"
+                  "admin: {address: '[::1]:9901'}\n"
+                  "static_resources:\n  runtimes:\n"
+                  "    - &rt {name: triton-0, http_address: 'triton-0.triton_svc:8000'}\n"
+                  "    - {<<: *rt, name: 'triton-1:a'}\n")
+    assert [r.name for r in c.runtimes] == ["triton-0", "triton-1:a"]  # a merge may override
+    assert c.runtimes[1].http_address == "triton-0.triton_svc:8000"
+    assert c.admin_address.host == "::1"
