@@ -114,8 +114,7 @@ class GrpcForwarder:
         remaining = context.time_remaining()
         deadline = loop.time() + (target.timeout if remaining is None
                                   else min(remaining, target.timeout))
-        budget.active_requests += 1
-        retrying = False
+        retries = _Retries(budget)
         endpoint = reason = None
         tries = 0
         try:
@@ -147,7 +146,7 @@ class GrpcForwarder:
                     err, policy, deadline - now)
                 pause = policy.backoff(tries + 1, ctx.rnd)
                 if pause >= deadline - now or not self._may_retry(
-                        reason, tries, retrying, policy, budget, req.model):
+                        reason, tries, retries.retrying, policy, budget, req.model):
                     if try_expired:
                         raise UpstreamTimeout(f"model {req.model!r}: runtime {endpoint.name} did "
                                               f"not answer within the per-try timeout", req.model)
@@ -155,15 +154,10 @@ class GrpcForwarder:
                                                   deadline - now)
                     return None, code
                 tries += 1
-                ctx.metrics.record_retry(req.model, reason)
-                if not retrying:
-                    retrying = True
-                    budget.active_retries += 1
+                retries.count(ctx.metrics, req.model, reason)
                 await asyncio.sleep(pause)
         finally:
-            budget.active_requests -= 1
-            if retrying:
-                budget.active_retries -= 1
+            retries.end()
 
     def _holders_now(self, snapshot, req, target, balancer):
         """For a retry after a table update: the balancer over the runtimes that hold the
@@ -327,8 +321,7 @@ class GrpcForwarder:
         remaining = context.time_remaining()
         deadline = loop.time() + (ctx.channels.connect_timeout if remaining is None
                                   else min(remaining, ctx.channels.connect_timeout))
-        endpoint, tries, retrying = None, 0, False
-        budget.active_requests += 1
+        endpoint, tries, retries = None, 0, _Retries(budget)
         try:
             while True:
                 endpoint = self.pick(balancer, req.model, target, key, endpoint)
@@ -342,19 +335,37 @@ class GrpcForwarder:
                 reason = policy.on_failure(CONNECT_FAILURE)
                 pause = policy.backoff(tries + 1, ctx.rnd)
                 if pause >= deadline - loop.time() or not self._may_retry(
-                        reason, tries, retrying, policy, budget, req.model):
+                        reason, tries, retries.retrying, policy, budget, req.model):
                     raise UpstreamFailure(f"model {req.model!r}: runtime {endpoint.name} is "
                                           f"unavailable: cannot connect", req.model)
                 tries += 1
-                ctx.metrics.record_retry(req.model, reason)
-                if not retrying:
-                    retrying = True
-                    budget.active_retries += 1
+                retries.count(ctx.metrics, req.model, reason)
                 await asyncio.sleep(pause)
         finally:
-            budget.active_requests -= 1
-            if retrying:
-                budget.active_retries -= 1
+            retries.end()
+
+
+class _Retries:
+    """One call's place in its route's retry budget: a request in flight until `end`, and a
+    retry in flight from its first retry on."""
+
+    __slots__ = ("budget", "retrying")
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.retrying = False
+        budget.active_requests += 1
+
+    def count(self, metrics, model: str, reason: str) -> None:
+        metrics.record_retry(model, reason)
+        if not self.retrying:
+            self.retrying = True
+            self.budget.active_retries += 1
+
+    def end(self) -> None:
+        self.budget.active_requests -= 1
+        if self.retrying:
+            self.budget.active_retries -= 1
 
 
 def _cancelled_here() -> bool:
