@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a proxy config file (exit 0 or 64)")
     p.add_argument("file")
 
-    p = sub.add_parser("runtime", help="run the devtools KServe v2 runtime")
+    runtime_parser = p = sub.add_parser("runtime", help="run the devtools KServe v2 runtime")
     from meshproxy.devtools import options as runtime_options
     runtime_options.add_arguments(p)
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return _control_plane(args.config)
     if args.command == "runtime":
         from meshproxy.devtools import runtime as devruntime
-        return _run(devruntime.serve(runtime_options.options_from_args(args)))
+        return _run(devruntime.serve(runtime_options.options_from_args(args, runtime_parser)))
     if args.control_plane:
         from meshproxy.control import demo as cp_demo
         return _run(cp_demo.run(once=args.once))

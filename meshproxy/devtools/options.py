@@ -25,8 +25,12 @@ class RuntimeOptions:
         for name in ("latency_ms", "load_delay_ms", "capacity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"runtime option {name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.fail_rate <= 1.0:
+        if not 0.0 <= self.fail_rate <= 1.0:  # NaN fails this too
             raise ValueError(f"runtime option fail_rate must be in [0, 1], got {self.fail_rate}")
+        for name in ("http_port", "grpc_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"runtime option {name} must be a port (0-65535), got {port}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +54,18 @@ def _grpc_port(text: str) -> int | None:
     return int(text)
 
 
-def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
+def options_from_args(args: argparse.Namespace,
+                      parser: argparse.ArgumentParser | None = None) -> RuntimeOptions:
+    """The options, or (given the parser) a usage error naming the bad one, exit 2."""
+    try:
+        return _options(args)
+    except ValueError as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
+
+
+def _options(args: argparse.Namespace) -> RuntimeOptions:
     return RuntimeOptions(
         name=args.name, models=[m.strip() for m in args.models.split(",") if m.strip()],
         host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,

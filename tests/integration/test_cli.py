@@ -163,3 +163,13 @@ async def test_sigterm_while_starting_stops_cleanly_with_exit_0(tmp_path, worker
         if proxy.returncode is None:
             proxy.kill()
             await proxy.wait()
+
+
+@pytest.mark.parametrize("flags, option", [
+    (("--http-port", "70000"), "http_port"), (("--grpc-port", "99999"), "grpc_port"),
+    (("--latency-ms", "-1"), "latency_ms"), (("--fail-rate", "nan"), "fail_rate")])
+async def test_a_bad_runtime_option_is_a_usage_error_naming_it(flags, option):
+    # Ports past 65535 wrapped (70000 listened on 4464); a negative latency or a NaN fail rate
+    # ended in a traceback.
+    code, out, err = await run("runtime", *flags, timeout=30)
+    assert code == 2 and f"runtime option {option}" in err and "Traceback" not in err
