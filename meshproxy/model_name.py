@@ -54,11 +54,17 @@ def resolve(header_value: bytes | None, target: bytes) -> tuple[str | None, str 
     return _resolve(header_value, target)
 
 
+def unquote(raw: bytes) -> bytes:
+    """A path segment's model name with `%3A` read as `:`, the one allowed character clients
+    percent-encode (tritonclient quotes names); any other escape stays, and is refused."""
+    return raw.replace(b"%3A", b":").replace(b"%3a", b":") if b"%" in raw else raw
+
+
 def _resolve(header_value: bytes | None, target: bytes) -> tuple[str | None, str | None]:
     in_path = from_path(target)
     path_name = version = None
     if in_path is not None:
-        path_name = validate(in_path[0], "path")
+        path_name = validate(unquote(in_path[0]), "path")
         if in_path[1] is not None:
             version = validate(in_path[1], "path version")
     if header_value is None:

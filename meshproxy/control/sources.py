@@ -66,12 +66,13 @@ async def poll_kserve(session: aiohttp.ClientSession, base: str) -> list[LoadedM
     names = body.get("models") if isinstance(body, dict) else None
     if not isinstance(names, list):
         raise NoAnswer(f"GET {base}/v2/models: no 'models' list")
-    ready = []
+    held = []
     for name in sorted(n for n in names if isinstance(n, str)):
         async with session.get(f"{base}/v2/models/{name}/ready") as resp:
-            if resp.status == 200:
-                ready.append(LoadedModel(name=name, state=LoadedModel.READY))
-    return ready
+            # listed but not ready (loading): known, not routed (503 rather than 404)
+            held.append(LoadedModel(name=name, state=LoadedModel.READY if resp.status == 200
+                                    else LoadedModel.LOADING))
+    return held
 
 
 Poller = Callable[[aiohttp.ClientSession, str], Awaitable[list[LoadedModel]]]
@@ -81,13 +82,14 @@ POLLERS: dict[int, Poller] = {
 }
 
 
-async def observe(session: aiohttp.ClientSession, rt: Runtime) -> list[LoadedModel] | None:
-    """The runtime's models, or None when it answers that it is not ready; NoAnswer otherwise."""
+async def observe(session: aiohttp.ClientSession, rt: Runtime) -> list[LoadedModel]:
+    """The runtime's models with their own states; NoAnswer when it does not answer.
+
+    /v2/health/ready is not asked: MLServer, and Triton with strict readiness (its default),
+    answer it 400 while any one model is not ready, which would take the ready ones out of
+    the table too. A runtime that is going away unloads its models, and its index says so."""
     base = f"http://{rt.http_address}"
     try:
-        async with session.get(f"{base}/v2/health/ready") as resp:
-            if resp.status != 200:
-                return None
         return await POLLERS[rt.dialect](session, base)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise NoAnswer(f"{type(e).__name__}: {e}") from None

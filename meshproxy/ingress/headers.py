@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from meshproxy.errors import BadRequest, BodyTooLarge, MalformedRequest, UnsupportedCoding
+from meshproxy.model_name import from_path, unquote
 
 # Not forwarded: they describe this hop, or the proxy answers them itself (Expect).
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
@@ -136,10 +137,10 @@ def shadow_host(head: bytes) -> bytes:
 
 def rewrite_path(url: bytes, model: str, target) -> bytes:
     """Point a /v2/models/{model}/... path at the target model (and version) a split chose."""
-    prefix = b"/v2/models/" + model.encode()
-    if not url.startswith(prefix):
+    named = from_path(url)
+    if named is None or unquote(named[0]) != model.encode():
         return url
-    rest = url[len(prefix):]
+    rest = url[len(b"/v2/models/") + len(named[0]):]
     if rest.startswith(b"/versions/"):
         rest = rest[len(b"/versions/"):]
         rest = rest[rest.find(b"/"):] if b"/" in rest else b""

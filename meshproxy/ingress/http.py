@@ -409,12 +409,13 @@ class HttpConnection(asyncio.Protocol):
                 raise UpgradeRequired("only HTTP/1.1 is served; send HTTP/1.1 requests")
         req, model, version = seen.req, seen.model, seen.version
         ex.chunked = req.chunked
+        if ex.url.startswith(b"/v2/repository/") and (
+                model is not None or ex.url != b"/v2/repository/index"):
+            raise Unimplemented("repository operations (load, unload) are not proxied: send "
+                                "them to the runtime itself", model)
         if model is None:
             self.answer_local(ex)
             return
-        if ex.url.startswith(b"/v2/repository/"):  # a model header on a repository path
-            raise Unimplemented("repository operations (load, unload) are not proxied: send "
-                                "them to the runtime itself", model)
         ex.model = model
         if ctx.tracing is not None:  # before the lookups: their errors get a span too
             ctx.tracing.start_request(ex, model)

@@ -120,7 +120,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = status = self._parser.get_status_code()
         self._statuses.append(status)
-        self._keep_alive = self._parser.should_keep_alive()
+        # After a 500 (an unhandled error) the runtime may close the connection without having
+        # said so: uvicorn, under MLServer and KServe, does within a few ms. Reused, it would
+        # fail the next request, most likely another client's, with a 502.
+        self._keep_alive = self._parser.should_keep_alive() and status != 500
 
     def on_message_complete(self) -> None:
         if self._status >= 200:

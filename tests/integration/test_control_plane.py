@@ -367,8 +367,8 @@ async def test_a_restarted_control_plane_keeps_sidecar_runtimes_until_their_side
                     await cp.start()
                     assert "local" in cp.registrations.entries  # restored, stream not yet back
                     await eventually(lambda: cp.proxies.statuses and all(
-                        st.types[RUNTIME_TYPE].acked_version for st in cp.proxies.statuses.values()),
-                        timeout=10)
+                        RUNTIME_TYPE in st.types and st.types[RUNTIME_TYPE].acked_version
+                        for st in cp.proxies.statuses.values()), timeout=10)
                     await eventually(lambda: getattr(cp.registrations.entries.get("local"),
                                                      "closed_at", 0) is None,
                                      timeout=10)  # the sidecar registered again
@@ -409,6 +409,42 @@ async def test_failover_and_a_saved_snapshot_serve_while_no_control_plane_answer
                 assert await infer(s, again, "sum") == (200, "r1")
 
 
+async def test_a_runtime_whose_health_says_not_ready_keeps_its_ready_models():
+    # MLServer (and Triton, strict readiness) answer /v2/health/ready 400 while any one model
+    # is not ready: that took every model of the runtime out of the table, for as long as one
+    # model was loading, or for good when one failed to load.
+    from aiohttp import web
+
+    async def not_ready(_):
+        return web.json_response({}, status=400)
+
+    async def index(_):
+        return web.json_response([{"name": "counter", "state": "READY"},
+                                  {"name": "broken", "state": "UNAVAILABLE"},
+                                  {"name": "slow", "state": "LOADING"}])
+
+    app = web.Application()
+    app.router.add_get("/v2/health/ready", not_ready)
+    app.router.add_post("/v2/repository/index", index)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    text = (f"grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
+            f"  poll_interval: {POLL}s\n  runtimes:\n"
+            f"    - {{name: ml, http_address: '127.0.0.1:{port}', dialect: MLSERVER}}\n")
+    try:
+        async with control_plane(text) as cp:
+            def held():
+                entry = cp.cache.get(RUNTIME_TYPE).entries.get("ml")
+                return [(m.name, resources_pb2.LoadedModel.State.Name(m.state))
+                        for m in entry.message.models] if entry else None
+            await eventually(lambda: held() == [("counter", "READY"), ("slow", "LOADING")],
+                             timeout=3)
+    finally:
+        await runner.cleanup()
+
+
 async def test_kserve_dialect_is_polled_with_v2_models_and_model_ready():
     from aiohttp import web
     ready = {"a": True, "b": False}
@@ -427,10 +463,14 @@ async def test_kserve_dialect_is_polled_with_v2_models_and_model_ready():
         async with control_plane(text) as cp:
             def models_of_ks():
                 entry = cp.cache.get(RUNTIME_TYPE).entries.get("ks")
-                return [m.name for m in entry.message.models] if entry else None
-            await eventually(lambda: models_of_ks() == ["a"], timeout=3)
+                return [(m.name, resources_pb2.LoadedModel.State.Name(m.state))
+                        for m in entry.message.models] if entry else None
+            # a listed model not ready yet is known (a request for it gets 503, not 404)
+            await eventually(lambda: models_of_ks() == [("a", "READY"), ("b", "LOADING")],
+                             timeout=3)
             ready["b"] = True
-            await eventually(lambda: models_of_ks() == ["a", "b"], timeout=3)
+            await eventually(lambda: models_of_ks() == [("a", "READY"), ("b", "READY")],
+                             timeout=3)
             async with aiohttp.ClientSession() as s, \
                     s.get(f"http://127.0.0.1:{cp.admin_port}/metrics") as resp:
                 text = await resp.text()

@@ -24,6 +24,9 @@ def test_rewrite_points_the_path_at_the_split_target():
         b"/v2/models/mnist-v2/infer?q"
     t2 = Target("mnist", "2", 1, None, 1.0, True)
     assert rewrite_path(b"/v2/models/m/ready", "m", t2) == b"/v2/models/mnist/versions/2/ready"
+    # a name quoted in the path (tritonclient: iris:c -> iris%3Ac) is rewritten too
+    assert rewrite_path(b"/v2/models/iris%3Ac/infer", "iris:c", t) == b"/v2/models/mnist-v2/infer"
+    assert rewrite_path(b"/v2/models/other/infer", "iris:c", t) == b"/v2/models/other/infer"
 
 
 def test_error_response_is_v2_json_naming_the_model():
