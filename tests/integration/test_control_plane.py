@@ -409,40 +409,36 @@ async def test_failover_and_a_saved_snapshot_serve_while_no_control_plane_answer
                 assert await infer(s, again, "sum") == (200, "r1")
 
 
+def polling(port: int, name: str, dialect: str) -> str:
+    """A control plane config discovering one runtime at 127.0.0.1:`port`."""
+    return (f"grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
+            f"  poll_interval: {POLL}s\n  runtimes:\n"
+            f"    - {{name: {name}, http_address: '127.0.0.1:{port}', dialect: {dialect}}}\n")
+
+
+def published(cp, name: str):
+    """(model, state) of what the control plane publishes for runtime `name`, or None."""
+    entry = cp.cache.get(RUNTIME_TYPE).entries.get(name)
+    return [(m.name, resources_pb2.LoadedModel.State.Name(m.state))
+            for m in entry.message.models] if entry else None
+
+
 async def test_a_runtime_whose_health_says_not_ready_keeps_its_ready_models():
     # MLServer (and Triton, strict readiness) answer /v2/health/ready 400 while any one model
     # is not ready: that took every model of the runtime out of the table, for as long as one
     # model was loading, or for good when one failed to load.
     from aiohttp import web
 
-    async def not_ready(_):
-        return web.json_response({}, status=400)
-
     async def index(_):
         return web.json_response([{"name": "counter", "state": "READY"},
                                   {"name": "broken", "state": "UNAVAILABLE"},
                                   {"name": "slow", "state": "LOADING"}])
 
-    app = web.Application()
-    app.router.add_get("/v2/health/ready", not_ready)
-    app.router.add_post("/v2/repository/index", index)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    text = (f"grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
-            f"  poll_interval: {POLL}s\n  runtimes:\n"
-            f"    - {{name: ml, http_address: '127.0.0.1:{port}', dialect: MLSERVER}}\n")
-    try:
-        async with control_plane(text) as cp:
-            def held():
-                entry = cp.cache.get(RUNTIME_TYPE).entries.get("ml")
-                return [(m.name, resources_pb2.LoadedModel.State.Name(m.state))
-                        for m in entry.message.models] if entry else None
-            await eventually(lambda: held() == [("counter", "READY"), ("slow", "LOADING")],
-                             timeout=3)
-    finally:
-        await runner.cleanup()
+    async with fake_runtime(("POST", "/v2/repository/index", index), ready_status=400) \
+            as (port, _):
+        async with control_plane(polling(port, "ml", "MLSERVER")) as cp:
+            await eventually(lambda: published(cp, "ml") == [("counter", "READY"),
+                                                             ("slow", "LOADING")], timeout=3)
 
 
 async def test_kserve_dialect_is_polled_with_v2_models_and_model_ready():
@@ -457,14 +453,9 @@ async def test_kserve_dialect_is_polled_with_v2_models_and_model_ready():
 
     async with fake_runtime(("GET", "/v2/models", models),
                             ("GET", "/v2/models/{m}/ready", model_ready)) as (port, _):
-        text = (f"grpc_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\ndiscovery:\n"
-                f"  poll_interval: {POLL}s\n  runtimes:\n"
-                f"    - {{name: ks, http_address: '127.0.0.1:{port}', dialect: KSERVE}}\n")
-        async with control_plane(text) as cp:
+        async with control_plane(polling(port, "ks", "KSERVE")) as cp:
             def models_of_ks():
-                entry = cp.cache.get(RUNTIME_TYPE).entries.get("ks")
-                return [(m.name, resources_pb2.LoadedModel.State.Name(m.state))
-                        for m in entry.message.models] if entry else None
+                return published(cp, "ks")
             # a listed model not ready yet is known (a request for it gets 503, not 404)
             await eventually(lambda: models_of_ks() == [("a", "READY"), ("b", "LOADING")],
                              timeout=3)
@@ -607,13 +598,14 @@ async def test_a_restarted_control_plane_serves_its_first_table_only_after_polli
 
 
 @contextlib.asynccontextmanager
-async def fake_runtime(*routes):
+async def fake_runtime(*routes, ready_status: int = 200):
     """An aiohttp app on a free port answering `routes` ((method, path, handler), ...) and
-    /v2/health/ready; yields (port, runner): a test may stop it early with runner.cleanup()."""
+    /v2/health/ready (with `ready_status`); yields (port, runner): a test may stop it early
+    with runner.cleanup()."""
     from aiohttp import web
 
     async def ready(_):
-        return web.json_response({"ready": True})
+        return web.json_response({"ready": ready_status == 200}, status=ready_status)
 
     app = web.Application()
     app.router.add_get("/v2/health/ready", ready)
