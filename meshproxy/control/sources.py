@@ -108,9 +108,9 @@ class RuntimeView:
         self.error = ""
         self._message: Runtime | None = None
 
-    def answered(self, models: list[LoadedModel] | None, now: float) -> None:
+    def answered(self, models: list[LoadedModel], now: float) -> None:
         self.last_answer, self.error = now, ""
-        self._set(models or [])
+        self._set(models)
 
     def failed(self, error: str, now: float) -> None:
         self.error = error

@@ -95,7 +95,7 @@ class SidecarReporter:
             runtime = resources_pb2.Runtime()
             runtime.CopyFrom(local)
             try:
-                runtime.models.extend(await observe(session, local) or [])
+                runtime.models.extend(await observe(session, local))
             except NoAnswer as e:
                 log.debug("local runtime %s does not answer: %s", local.name, e)
             except Exception as e:  # noqa: BLE001 - an odd answer is reported as no answer

@@ -165,7 +165,7 @@ def test_a_silent_runtime_keeps_its_models_for_the_grace_only():
     assert view.message() is msg and len(msg.models) == 1
     view.failed("refused", now=13.0)
     assert list(view.message().models) == []
-    view.answered(None, now=14.0)  # answers, not ready
+    view.answered([], now=14.0)  # answers, holding nothing
     assert list(view.message().models) == []
     view.answered([LoadedModel(name="m")], now=15.0)
     assert len(view.message().models) == 1
